@@ -1,0 +1,3 @@
+from piuptime.cli import main
+
+raise SystemExit(main())

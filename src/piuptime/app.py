@@ -1,0 +1,279 @@
+"""Assemble the gateway from a config and own its life: start, reload, drain, stop.
+
+Reload (file change or SIGHUP): the file is read and validated on a worker thread, compiled beside
+the running configuration, then swapped in with one assignment. Requests in flight finish on the
+old runtime; upstreams whose config did not change keep their pools. An invalid file changes
+nothing: the error is logged, counted and kept in ``last_reload_error``.
+
+Stop (SIGTERM/SIGINT): tell systemd, stop accepting, let in-flight requests finish up to
+``gateway.drain_timeout``, then close what is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import ssl
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from piuptime.config import Config, ConfigError, load_config
+from piuptime.config.schema import Listener
+from piuptime.gateway.proxy import ProxyHandler
+from piuptime.gateway.runtime import Runtime, compile_runtime, retired_upstreams
+from piuptime.http1.server import Request, Server, ServerLimits
+from piuptime.observe.accesslog import AccessLog, now_iso
+from piuptime.systemd import Notifier
+
+log = logging.getLogger("piuptime")
+
+
+@dataclass
+class ReloadStats:
+    """What an operator (and, later, /metrics) wants to know about reloads."""
+
+    succeeded: int = 0
+    failed: int = 0
+    last_success: float | None = None
+    last_error: str | None = None
+    last_error_time: float | None = None
+    history: list[str] = field(default_factory=list)
+
+
+def server_limits(config: Config) -> ServerLimits:
+    lim = config.gateway.limits
+    return ServerLimits(
+        max_header_bytes=lim.max_header_bytes,
+        max_header_count=lim.max_header_count,
+        max_body_bytes=lim.max_body_bytes,
+        header_timeout=lim.header_timeout,
+        idle_timeout=lim.idle_timeout,
+        body_timeout=lim.body_timeout,
+    )
+
+
+def tls_context(listener: Listener) -> ssl.SSLContext | None:
+    if listener.tls is None:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(listener.tls.cert, listener.tls.key)
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
+
+
+class App:
+    """The gateway process: listeners, the proxy handler, reload and shutdown."""
+
+    def __init__(
+        self,
+        config: Config,
+        config_path: Path | None = None,
+        *,
+        notifier: Notifier | None = None,
+        watch_interval: float = 1.0,
+    ) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.notifier = notifier or Notifier()
+        self.watch_interval = watch_interval
+        self.servers: list[Server] = []
+        self.reloads = ReloadStats()
+        self.runtime: Runtime | None = None
+        self.handler: ProxyHandler | None = None
+        self.access_log = AccessLog(config.gateway.access_log.path)
+        self._stop = asyncio.Event()
+        self._reload_lock = asyncio.Lock()
+        self._watch_task: asyncio.Task[None] | None = None
+        self._file_sig = _file_signature(config_path)
+
+    # -- start -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.runtime = compile_runtime(self.config)
+        self.access_log.start(loop)
+        self.handler = ProxyHandler(self.runtime, self.access_log)
+        limits = server_limits(self.config)
+        for listener in self.config.gateway.listen:
+            server = Server(
+                self.handler.handle, limits, ssl=tls_context(listener), on_error=self._on_error
+            )
+            await server.listen(listener.host, listener.port)
+            self.servers.append(server)
+        self.notifier.ready(f"serving on {', '.join(self.addresses())}")
+        self.notifier.start_watchdog(loop)
+        if self.config_path is not None and self.watch_interval > 0:
+            self._watch_task = loop.create_task(self._watch())
+        log.info(
+            "piuptime ready on %s (%d routes, %d upstreams)",
+            ", ".join(self.addresses()),
+            len(self.config.routes),
+            len(self.config.upstreams),
+        )
+
+    def addresses(self) -> list[str]:
+        out = []
+        for server, listener in zip(self.servers, self.config.gateway.listen, strict=False):
+            scheme = "https" if listener.tls is not None else "http"
+            for sock in server.sockets:
+                host, port = sock.getsockname()[:2]
+                host = f"[{host}]" if ":" in host else host
+                out.append(f"{scheme}://{host}:{port}")
+        return out
+
+    def _on_error(self, req: Request | None, status: int, reason: str) -> None:
+        """Requests refused by the wire layer (400, 408, 413, 431, ...) still get a log line."""
+        if not self.access_log.enabled:
+            return
+        self.access_log.record(
+            {
+                "time": now_iso(),
+                "request_id": None,
+                "route": None,
+                "consumer": None,
+                "method": req.method.decode("latin-1") if req is not None else None,
+                "path": req.path.decode("latin-1") if req is not None else None,
+                "status": status,
+                "bytes": 0,
+                "upstream": None,
+                "target": None,
+                "attempts": 0,
+                "cache": None,
+                "total_ms": None,
+                "upstream_ms": None,
+                "gateway_ms": None,
+                "error": reason,
+            }
+        )
+
+    # -- reload ------------------------------------------------------------------------------
+
+    async def reload(self, reason: str = "signal") -> bool:
+        """Validate and swap in the config file; False (and nothing changed) if it is invalid."""
+        if self.config_path is None:
+            return False
+        async with self._reload_lock:
+            self.notifier.reloading()
+            try:
+                ok = await self._reload_locked(reason)
+            finally:
+                self.notifier.ready("serving")
+            return ok
+
+    async def _reload_locked(self, reason: str) -> bool:
+        assert self.config_path is not None and self.handler is not None
+        assert self.runtime is not None
+        self._file_sig = _file_signature(self.config_path)
+        try:
+            config = await asyncio.to_thread(load_config, self.config_path)
+            new_runtime = compile_runtime(config, self.runtime)
+        except ConfigError as exc:
+            self._reload_failed(reason, str(exc))
+            return False
+        except (OSError, ValueError) as exc:
+            self._reload_failed(reason, f"{self.config_path}: {exc}")
+            return False
+        if [str(x) for x in config.gateway.listen] != [str(x) for x in self.config.gateway.listen]:
+            log.warning("gateway.listen changed; restart the process to apply new listeners")
+        old = self.runtime
+        self.handler.runtime = new_runtime  # the swap: one assignment
+        self.runtime = new_runtime
+        self.config = config
+        limits = server_limits(config)
+        for server in self.servers:
+            server.limits = limits
+        if config.gateway.access_log.path != self.access_log.path:
+            log.warning("gateway.access_log changed; restart the process to apply it")
+        for upstream in retired_upstreams(old, new_runtime):
+            asyncio.get_running_loop().create_task(upstream.aclose())
+        self.reloads.succeeded += 1
+        self.reloads.last_success = time.time()
+        log.info(
+            "configuration reloaded (%s): %d routes, %d upstreams",
+            reason,
+            len(config.routes),
+            len(config.upstreams),
+        )
+        return True
+
+    def _reload_failed(self, reason: str, message: str) -> None:
+        self.reloads.failed += 1
+        self.reloads.last_error = message
+        self.reloads.last_error_time = time.time()
+        log.error("configuration reload (%s) rejected; still serving the previous one:\n%s",
+                  reason, message)
+
+    async def _watch(self) -> None:
+        """Poll the config file's identity (mtime, size, inode); reload when it changes."""
+        assert self.config_path is not None
+        while not self._stop.is_set():
+            await asyncio.sleep(self.watch_interval)
+            sig = _file_signature(self.config_path)
+            if sig is not None and sig != self._file_sig:
+                await self.reload("file changed")
+
+    # -- stop --------------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def stop(self) -> None:
+        """Stop accepting, drain in-flight requests up to the drain timeout, close everything."""
+        self.notifier.stopping()
+        self._stop.set()
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch_task
+        for server in self.servers:
+            server.close_listeners()
+        timeout = self.config.gateway.drain_timeout
+        results = await asyncio.gather(*(s.drain(timeout) for s in self.servers))
+        if not all(results):
+            log.warning("drain timeout (%.1fs) reached; closing remaining connections", timeout)
+        for server in self.servers:
+            server.abort_all()
+        if self.runtime is not None:
+            for upstream in self.runtime.upstreams.values():
+                await upstream.aclose()
+        await self.access_log.aclose()
+        self.notifier.close()
+        log.info("piuptime stopped")
+
+    async def run_until_stopped(self) -> None:
+        """Serve until SIGTERM/SIGINT; SIGHUP reloads; SIGUSR1 reopens the access log file."""
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.request_stop)
+        loop.add_signal_handler(signal.SIGINT, self.request_stop)
+        loop.add_signal_handler(
+            signal.SIGHUP, lambda: loop.create_task(self.reload("SIGHUP"))
+        )
+        loop.add_signal_handler(signal.SIGUSR1, self.access_log.reopen)
+        try:
+            await self._stop.wait()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+                loop.remove_signal_handler(sig)
+            await self.stop()
+
+
+def _file_signature(path: Path | None) -> tuple[int, int, int] | None:
+    if path is None:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+async def run(config_path: Path, *, watch_interval: float = 1.0) -> None:
+    """Load, start and serve until stopped (``piuptime run``)."""
+    config = load_config(config_path)
+    app = App(config, config_path, watch_interval=watch_interval)
+    await app.start()
+    await app.run_until_stopped()

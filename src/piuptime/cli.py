@@ -1,0 +1,131 @@
+"""The ``piuptime`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from piuptime import __version__
+
+DEFAULT_CONFIG = "piuptime.yaml"
+
+DESCRIPTION = """\
+piuptime keeps a fleet of small devices' services up: one process that is an API gateway
+(routing, load balancing, health, limits), an AI gateway and a fleet watch.
+
+commands:
+  run        serve with a config file (default ./piuptime.yaml)
+  demo       start three demo devices on loopback and the gateway in front of them
+  validate   check a config file and print every error as file:line:column
+  version    print the version
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="piuptime",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--version", action="version", version=f"piuptime {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser(
+        "run",
+        help="serve with a config file",
+        description="Run the gateway. Reloads the config on file change or SIGHUP; SIGTERM or "
+        "Ctrl-C drains in-flight requests (gateway.drain_timeout) and stops. Under systemd it "
+        "reports READY/RELOADING/STOPPING and feeds the watchdog.",
+    )
+    run.add_argument("-c", "--config", default=os.environ.get("PIUPTIME_CONFIG", DEFAULT_CONFIG),
+                     help="config file (default: $PIUPTIME_CONFIG or ./piuptime.yaml)")
+    run.add_argument("--watch-interval", type=float, default=1.0, metavar="SECONDS",
+                     help="how often to check the config file for changes; 0 turns it off "
+                     "(default 1)")
+    run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+    demo = sub.add_parser(
+        "demo",
+        help="run the gateway in front of three demo devices",
+        description="Start three demo device services on 127.0.0.1 and the gateway in front of "
+        "them with a ready config, and print what to curl. Ctrl-C stops everything.",
+    )
+    demo.add_argument("--port", type=int, default=8080, help="gateway port (default 8080)")
+    demo.add_argument("--device-port", type=int, default=9001,
+                      help="first demo device port; the devices use it and the next two "
+                      "(default 9001)")
+    demo.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+    val = sub.add_parser(
+        "validate",
+        help="check a config file",
+        description="Validate a config file. Prints every problem as file:line:column: "
+        "path: message and exits 1, or prints OK and exits 0.",
+    )
+    val.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="config file to check")
+    val.add_argument("file", nargs="?", help="config file (same as -c)")
+
+    sub.add_parser("version", help="print the version")
+    return p
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "version":
+        print(f"piuptime {__version__}")
+        return 0
+    if args.command == "validate":
+        from piuptime.config.load import validate_main
+
+        return validate_main(args.file or args.config, sys.stdout)
+    if args.command == "demo":
+        _setup_logging(args.log_level)
+        from piuptime.demo.run import main as demo_main
+
+        return demo_main(port=args.port, device_port=args.device_port)
+    if args.command == "run":
+        _setup_logging(args.log_level)
+        return _run(Path(args.config), args.watch_interval)
+    _parser().print_help()
+    return 2
+
+
+def _run(path: Path, watch_interval: float) -> int:
+    if not path.exists():
+        print(
+            f"piuptime: config file {path} not found. Pass one with -c FILE, start from "
+            "examples/piuptime.yaml, or try `piuptime demo`.",
+            file=sys.stderr,
+        )
+        return 2
+    import uvloop
+
+    from piuptime.app import run
+    from piuptime.config import ConfigError
+
+    try:
+        uvloop.run(run(path, watch_interval=watch_interval))
+    except ConfigError as exc:
+        print(f"piuptime: the config is invalid, nothing started:\n{exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"piuptime: could not start: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""``piuptime demo``: demo devices on loopback with the gateway in front of them."""

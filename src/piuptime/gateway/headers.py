@@ -1,0 +1,131 @@
+"""Header rewriting between client and upstream: hop-by-hop removal and forwarding headers.
+
+RFC 9110 §7.6.1: a proxy removes ``Connection`` and every header it names, plus the classic
+hop-by-hop set (``Keep-Alive``, ``TE``, ``Trailer``, ``Transfer-Encoding``, ``Upgrade``,
+``Proxy-*``). Framing (``Content-Length``/``Transfer-Encoding``) is re-done by the http1 layer on
+each side, so it is dropped here too. ``Upgrade`` survives only while tunnelling a protocol switch.
+"""
+
+from __future__ import annotations
+
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+    }
+)
+# Headers the gateway sets itself on the way up (never forwarded as the client sent them).
+_SET_UPSTREAM = frozenset(
+    {
+        b"host",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+        b"content-length",
+        b"expect",
+    }
+)
+# Upstream response headers replaced by the gateway's own.
+_SET_DOWNSTREAM = frozenset({b"content-length", b"date"})
+
+Headers = list[tuple[bytes, bytes]]
+
+
+def connection_tokens(value: bytes) -> set[bytes]:
+    """Lower-cased header names listed in a Connection header value."""
+    return {t.strip().lower() for t in value.split(b",") if t.strip()}
+
+
+def upstream_request_headers(
+    headers: Headers,
+    *,
+    host: bytes,
+    client_ip: bytes,
+    proto: bytes,
+    original_host: bytes,
+    via: bytes,
+    upgrade: bytes | None = None,
+) -> Headers:
+    """The header list sent upstream for one request.
+
+    ``X-Forwarded-For`` gets the client address appended to whatever the client sent (nginx's
+    ``$proxy_add_x_forwarded_for``); ``X-Forwarded-Proto``/``-Host`` are set by us, since the gateway
+    is the edge that saw the scheme and host; ``Via`` gets our hop appended.
+    """
+    out: Headers = []
+    named: set[bytes] | None = None
+    xff = b""
+    prior_via = b""
+    for name, value in headers:
+        if name in HOP_BY_HOP or name.startswith(b"proxy-"):
+            if name == b"connection":
+                named = connection_tokens(value) if named is None else named | connection_tokens(value)
+            continue
+        if name in _SET_UPSTREAM:
+            continue
+        if name == b"x-forwarded-for":
+            xff = value if not xff else xff + b", " + value
+            continue
+        if name == b"via":
+            prior_via = value if not prior_via else prior_via + b", " + value
+            continue
+        out.append((name, value))
+    if named:
+        out = [h for h in out if h[0] not in named]
+    out.append((b"host", host))
+    out.append((b"x-forwarded-for", xff + b", " + client_ip if xff else client_ip))
+    out.append((b"x-forwarded-proto", proto))
+    if original_host:
+        out.append((b"x-forwarded-host", original_host))
+    out.append((b"via", prior_via + b", " + via if prior_via else via))
+    if upgrade is not None:
+        out.append((b"connection", b"upgrade"))
+        out.append((b"upgrade", upgrade))
+    return out
+
+
+def downstream_response_headers(headers: Headers, *, via: bytes, keep_length: bool) -> Headers:
+    """Upstream response headers cleaned for the client; ``content-length`` kept when the body
+    is passed through unchanged (``keep_length``), so the client sees the same framing length."""
+    out: Headers = []
+    named: set[bytes] | None = None
+    prior_via = b""
+    length = b""
+    for name, value in headers:
+        if name in HOP_BY_HOP or name.startswith(b"proxy-"):
+            if name == b"connection":
+                named = connection_tokens(value) if named is None else named | connection_tokens(value)
+            continue
+        if name in _SET_DOWNSTREAM:
+            if name == b"content-length":
+                length = value
+            continue
+        if name == b"via":
+            prior_via = value if not prior_via else prior_via + b", " + value
+            continue
+        out.append((name, value))
+    if named:
+        out = [h for h in out if h[0] not in named]
+    if keep_length and length:
+        out.append((b"content-length", length))
+    out.append((b"via", prior_via + b", " + via if prior_via else via))
+    return out
+
+
+def tunnel_response_headers(headers: Headers, *, via: bytes) -> Headers:
+    """Headers of a 101 answer passed to the client: Upgrade/Connection kept, framing dropped."""
+    out: Headers = []
+    for name, value in headers:
+        if name in (b"content-length", b"transfer-encoding", b"keep-alive", b"date"):
+            continue
+        if name.startswith(b"proxy-"):
+            continue
+        out.append((name, value))
+    out.append((b"via", via))
+    return out

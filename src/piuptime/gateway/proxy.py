@@ -1,0 +1,249 @@
+"""The proxy handler: route a request, forward it to a target, stream the answer back.
+
+One ``ProxyHandler`` lives for the whole process; ``runtime`` is swapped on reload. A request reads
+``self.runtime`` once at its start, so it finishes on the configuration it began with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from piuptime.gateway.headers import (
+    downstream_response_headers,
+    tunnel_response_headers,
+    upstream_request_headers,
+)
+from piuptime.gateway.runtime import CompiledRoute, Runtime, Target
+from piuptime.http1.client import (
+    ConnectError,
+    ConnectTimeout,
+    PoolTimeout,
+    ReadTimeout,
+    Response,
+    UpstreamError,
+)
+from piuptime.http1.errors import BodyTimeout, BodyTooLarge, ClientDisconnected
+from piuptime.http1.server import Request, Responder
+from piuptime.observe.accesslog import AccessLog, now_iso
+
+log = logging.getLogger("piuptime.proxy")
+
+_NO_BODY_STATUS = frozenset({204, 304})
+_SMALL_BODY = 64 * 1024
+_HTTPS = b"https"
+_HTTP = b"http"
+
+
+class RequestIds:
+    """Cheap unique request ids: a random per-process prefix and a counter."""
+
+    __slots__ = ("_n", "_prefix")
+
+    def __init__(self) -> None:
+        self._prefix = os.urandom(6).hex()
+        self._n = 0
+
+    def next(self) -> str:
+        self._n += 1
+        return f"{self._prefix}-{self._n:x}"
+
+
+class ProxyHandler:
+    """The data-plane request handler given to ``http1.server.Server``."""
+
+    def __init__(self, runtime: Runtime, access_log: AccessLog) -> None:
+        self.runtime = runtime
+        self.access_log = access_log
+        self.ids = RequestIds()
+        self._loop_time: Callable[[], float] = asyncio.get_running_loop().time
+
+    async def handle(self, req: Request, resp: Responder) -> None:
+        rt = self.runtime
+        match = rt.router.match(req.method, req.host, req.path, req.headers)
+        if match is None:
+            resp.send_error(
+                404,
+                "route_not_found",
+                f"no route matches {req.method.decode('latin-1')} {req.path.decode('latin-1')}",
+            )
+            self._log(req, resp, None, None, 0, 0.0)
+            return
+        route: CompiledRoute = match.spec.payload  # type: ignore[assignment]
+        if route.max_body_bytes is not None:
+            req.max_body_bytes = route.max_body_bytes
+        upstream = route.upstream
+        idx = upstream.balancer.pick()
+        if idx is None:
+            resp.send_error(503, "no_target", f"upstream {upstream.name} has no usable target")
+            self._log(req, resp, route, None, 0, 0.0)
+            return
+        target = upstream.targets[idx]
+        headers = upstream_request_headers(
+            req.headers,
+            host=route.upstream_host(req.host, target),
+            client_ip=req.client_addr.encode(),
+            proto=_HTTPS if req.tls else _HTTP,
+            original_host=req.host,
+            via=rt.via,
+            upgrade=req.upgrade,
+        )
+        path = route.upstream_path(req.path, req.query, match)
+        upstream_time = 0.0
+        try:
+            body = await _request_body(req)
+            t0 = self._loop_time()
+            up = await target.pool.request(req.method, path, headers, body, req.content_length)
+            upstream_time = self._loop_time() - t0
+        except BodyTooLarge:
+            resp.send_error(413, "body_too_large", f"request body exceeds {req.max_body_bytes} bytes")
+            self._log(req, resp, route, target, 0, 0.0)
+            return
+        except BodyTimeout:
+            resp.send_error(408, "body_timeout", "the client stopped sending the request body")
+            self._log(req, resp, route, target, 0, 0.0)
+            return
+        except UpstreamError as exc:
+            status, code = _upstream_error_status(exc)
+            resp.send_error(status, code, f"upstream {upstream.name} ({target.label}): {exc}")
+            self._log(req, resp, route, target, 1, self._loop_time() - req.start_time)
+            return
+        try:
+            if up.status == 101 and req.upgrade is not None:
+                await self._tunnel(req, resp, up, rt.via)
+            else:
+                upstream_time += await self._relay(req, resp, up, rt.via)
+        finally:
+            up.release()
+        self._log(req, resp, route, target, 1, upstream_time)
+
+    async def _relay(self, req: Request, resp: Responder, up: Response, via: bytes) -> float:
+        """Stream the upstream response to the client; returns time spent waiting upstream."""
+        no_body = req.method == b"HEAD" or up.status in _NO_BODY_STATUS or up.status < 200
+        resp.start(
+            up.status,
+            downstream_response_headers(up.headers, via=via, keep_length=not up.chunked),
+            up.reason,
+        )
+        waited = 0.0
+        if not no_body:
+            now = self._loop_time
+            while True:
+                t0 = now()
+                chunk = await up.read()
+                waited += now() - t0
+                if not chunk:
+                    break
+                resp.write(chunk)
+                await resp.drain()
+        resp.end()
+        return waited
+
+    async def _tunnel(self, req: Request, resp: Responder, up: Response, via: bytes) -> None:
+        """Switch protocols: splice bytes both ways until either side closes."""
+        downstream = resp.upgrade(tunnel_response_headers(up.headers, via=via))
+        upstream = up.detach()
+
+        async def pump(src: Any, dst: Any) -> None:
+            try:
+                while True:
+                    data = await src.read()
+                    if not data:
+                        break
+                    dst.write(data)
+                    await dst.drain()
+            except (OSError, UpstreamError, ClientDisconnected):
+                pass
+            finally:
+                dst.close()
+
+        tasks = [
+            asyncio.ensure_future(pump(downstream, upstream)),
+            asyncio.ensure_future(pump(upstream, downstream)),
+        ]
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for t in tasks:
+                t.cancel()
+            downstream.close()
+            upstream.close()
+
+    def _log(
+        self,
+        req: Request,
+        resp: Responder,
+        route: CompiledRoute | None,
+        target: Target | None,
+        attempts: int,
+        upstream_time: float,
+    ) -> None:
+        if not self.access_log.enabled:
+            return
+        total = self._loop_time() - req.start_time
+        self.access_log.record(
+            {
+                "time": now_iso(),
+                "request_id": _request_id(req) or self.ids.next(),
+                "route": route.name if route is not None else None,
+                "consumer": None,
+                "method": req.method.decode("latin-1"),
+                "path": req.path.decode("latin-1"),
+                "status": resp.status,
+                "bytes": resp.bytes_sent,
+                "upstream": route.upstream.name if route is not None else None,
+                "target": target.label if target is not None else None,
+                "attempts": attempts,
+                "cache": None,
+                "total_ms": round(total * 1000, 3),
+                "upstream_ms": round(upstream_time * 1000, 3),
+                "gateway_ms": round((total - upstream_time) * 1000, 3),
+            }
+        )
+
+
+def _request_id(req: Request) -> str | None:
+    for name, value in req.headers:
+        if name == b"x-request-id":
+            return value.decode("latin-1")
+    return None
+
+
+async def _request_body(req: Request) -> bytes | AsyncIterator[bytes] | None:
+    """Small bodies with a declared length are read whole (replayable); others stream."""
+    if not req.has_body:
+        return None
+    length = req.content_length
+    if length is not None and length <= _SMALL_BODY:
+        if length > req.max_body_bytes:
+            raise BodyTooLarge(length, req.max_body_bytes)
+        parts = []
+        while True:
+            chunk = await req.read()
+            if not chunk:
+                break
+            parts.append(chunk)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+    return _stream_body(req)
+
+
+async def _stream_body(req: Request) -> AsyncIterator[bytes]:
+    while True:
+        chunk = await req.read()
+        if not chunk:
+            return
+        yield chunk
+
+
+def _upstream_error_status(exc: UpstreamError) -> tuple[int, str]:
+    if isinstance(exc, ConnectTimeout | ReadTimeout):
+        return 504, "upstream_timeout"
+    if isinstance(exc, PoolTimeout):
+        return 503, "upstream_busy"
+    if isinstance(exc, ConnectError):
+        return 502, "upstream_unreachable"
+    return 502, "bad_gateway"
+
