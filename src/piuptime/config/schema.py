@@ -1,0 +1,890 @@
+"""The configuration schema: pydantic models, one per YAML section.
+
+Every model forbids unknown keys and is frozen. Durations are ``float`` seconds, sizes ``int``
+bytes. Build a :class:`Config` with :func:`piuptime.config.load_config` /
+:func:`piuptime.config.parse_config` to get positions in error messages and the checks that need
+the whole file ("not supported yet" sections); ``Config.model_validate(dict)`` runs the schema and
+the cross-reference checks (unknown upstream, duplicate route names) only.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import os
+import re
+from functools import lru_cache
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+
+from .units import UnitError, parse_duration, parse_percent, parse_size
+
+__all__ = [
+    "AccessLog",
+    "ActiveHealth",
+    "AdminConfig",
+    "Config",
+    "Consumer",
+    "Duration",
+    "GatewayConfig",
+    "Health",
+    "Limits",
+    "Listener",
+    "PassiveHealth",
+    "Percent",
+    "Pool",
+    "Retries",
+    "Route",
+    "RouteMatch",
+    "SchemaValueError",
+    "Size",
+    "StoreConfig",
+    "TLSFiles",
+    "Target",
+    "Timeouts",
+    "Upstream",
+    "UpstreamTLS",
+    "config_problems",
+    "is_true",
+    "parse_address",
+    "path_captures",
+    "route_problems",
+    "split_target_url",
+]
+
+Loc = tuple[str | int, ...]
+
+
+class SchemaValueError(ValueError):
+    """A validation message that belongs to a key below the one being validated.
+
+    ``at`` is appended to the location pydantic reports (so a check on a whole route can point at
+    ``strip_prefix``); ``on_key`` asks for the key's position rather than its value's.
+    """
+
+    def __init__(self, message: str, at: Loc = (), *, on_key: bool = False) -> None:
+        super().__init__(message)
+        self.at = at
+        self.on_key = on_key
+
+
+# --------------------------------------------------------------------------------------------
+# Scalar types
+
+
+def _duration(value: Any) -> float:
+    return parse_duration(value)
+
+
+def _positive_duration(value: Any) -> float:
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise UnitError(f"must be longer than 0s, got {value!r}")
+    return seconds
+
+
+def _size(value: Any) -> int:
+    return parse_size(value)
+
+
+def _percent(value: Any) -> float:
+    return parse_percent(value)
+
+
+def _integer(value: Any) -> Any:
+    # pydantic would take true/false as 1/0; in a config file that is always a mistake.
+    if isinstance(value, bool):
+        raise ValueError(f"expected a whole number, got {str(value).lower()}")
+    return value
+
+
+#: Seconds; written ``250ms``, ``30s``, ``5m``, ``1h30m`` or a bare number of seconds. May be 0.
+Duration = Annotated[float, BeforeValidator(_duration)]
+#: Like :data:`Duration` but must be greater than zero (timeouts, intervals).
+PositiveDuration = Annotated[float, BeforeValidator(_positive_duration)]
+#: Bytes; written ``512``, ``16KiB``, ``10MiB``, ``1GiB`` (binary) or ``10KB``/``10MB`` (decimal).
+Size = Annotated[int, BeforeValidator(_size)]
+#: A fraction from 0 to 1; written ``20%`` (or ``0.2``).
+Percent = Annotated[float, BeforeValidator(_percent)]
+Int = Annotated[int, BeforeValidator(_integer)]
+
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+_HOSTNAME = re.compile(rf"(?=.{{1,253}}\Z){_LABEL}(?:\.{_LABEL})*\.?\Z")
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
+
+
+def _is_token(text: str) -> bool:
+    return bool(_TOKEN.match(text))
+
+
+def _is_hostname(text: str) -> bool:
+    if _HOSTNAME.match(text):
+        return True
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _readable_file(path: str, what: str) -> str:
+    if not path:
+        raise ValueError(f"expected the path of the {what}, got an empty string")
+    if not os.path.isfile(path):
+        where = "" if os.path.isabs(path) else f" (relative to the working directory {os.getcwd()})"
+        raise ValueError(f"{what} not found: {path}{where}")
+    if not os.access(path, os.R_OK):
+        raise ValueError(f"{what} is not readable: {path}")
+    return path
+
+
+_TRUE_WORDS = frozenset({"true", "yes", "on", "1", "t", "y"})
+
+
+def is_true(value: object) -> bool:
+    """Whether pydantic would read ``value`` as ``True`` for a ``bool`` field."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int | float):
+        return value == 1
+    return isinstance(value, str) and value.strip().lower() in _TRUE_WORDS
+
+
+def _suggest(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _none_as_empty_dict(value: Any) -> Any:
+    # "upstreams:" with everything below commented out is null: read it as an empty section.
+    return {} if value is None else value
+
+
+def _none_as_empty_list(value: Any) -> Any:
+    return [] if value is None else value
+
+
+_Section = BeforeValidator(_none_as_empty_dict)
+_Items = BeforeValidator(_none_as_empty_list)
+
+
+def _model() -> ConfigDict:
+    return ConfigDict(extra="forbid", frozen=True, coerce_numbers_to_str=True)
+
+
+# --------------------------------------------------------------------------------------------
+# gateway
+
+
+_ADDRESS_HINT = 'expected "host:port" like 127.0.0.1:8080, [::1]:8080 or :8080 (all interfaces)'
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """``"host:port"`` → ``(host, port)``. ``"[::1]:80"`` → ``("::1", 80)``; ``":80"`` →
+    ``("", 80)`` meaning every interface. Raises ``ValueError`` with a readable message."""
+    raw = text.strip()
+    if raw.startswith("["):
+        close = raw.find("]")
+        if close < 0 or raw[close + 1 : close + 2] != ":":
+            raise ValueError(f"{_ADDRESS_HINT}, got {text!r}")
+        host, port_text = raw[1:close], raw[close + 2 :]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"not an IPv6 address in brackets: {text!r}") from None
+    else:
+        host, sep, port_text = raw.rpartition(":")
+        if not sep:
+            raise ValueError(f"{_ADDRESS_HINT}, got {text!r} (the port is missing)")
+        if ":" in host:
+            raise ValueError(f"put an IPv6 address in brackets, like [::1]:8080, got {text!r}")
+        if host and not _is_hostname(host):
+            raise ValueError(f"not a host name or IP address: {host!r} in {text!r}")
+    if not port_text.isascii() or not port_text.isdigit() or int(port_text) > 65535:
+        raise ValueError(f"the port must be a number from 0 to 65535, got {text!r}")
+    return host, int(port_text)
+
+
+def _format_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class TLSFiles(BaseModel):
+    """Certificate chain and private key (PEM files) for a TLS listener."""
+
+    model_config = _model()
+
+    cert: str
+    key: str
+
+    @field_validator("cert")
+    @classmethod
+    def _cert_exists(cls, value: str) -> str:
+        return _readable_file(value, "certificate file")
+
+    @field_validator("key")
+    @classmethod
+    def _key_exists(cls, value: str) -> str:
+        return _readable_file(value, "key file")
+
+
+class Listener(BaseModel):
+    """Where the gateway accepts connections.
+
+    Written as ``"host:port"`` or ``{address: "host:port", tls: {cert: ..., key: ...}}``; an empty
+    host (``":8080"``) listens on every interface.
+    """
+
+    model_config = _model()
+
+    host: str
+    port: int = Field(ge=0, le=65535)
+    tls: TLSFiles | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_address(cls, data: Any) -> Any:
+        if isinstance(data, str):
+            host, port = parse_address(data)
+            return {"host": host, "port": port}
+        if isinstance(data, dict) and "host" not in data and "port" not in data:
+            unknown = [k for k in data if k not in ("address", "tls")]
+            if unknown:
+                raise SchemaValueError(
+                    f"unknown key {unknown[0]!r}{_suggest(str(unknown[0]), ['address', 'tls'])}"
+                    " (a listener has address and tls)",
+                    (unknown[0],),
+                    on_key=True,
+                )
+            if "address" not in data:
+                raise ValueError(
+                    'a listener needs an address: write "host:port" or '
+                    '{address: "host:port", tls: {cert: FILE, key: FILE}}'
+                )
+            address = data["address"]
+            if not isinstance(address, str):
+                raise SchemaValueError(f"{_ADDRESS_HINT}, got {address!r}", ("address",))
+            try:
+                host, port = parse_address(address)
+            except ValueError as exc:
+                raise SchemaValueError(str(exc), ("address",)) from None
+            rest = {k: v for k, v in data.items() if k != "address"}
+            return {"host": host, "port": port, **rest}
+        if not isinstance(data, dict | Listener):
+            raise ValueError(f"{_ADDRESS_HINT}, or {{address: ..., tls: ...}}, got {data!r}")
+        return data
+
+    @property
+    def address(self) -> str:
+        """``host:port`` as written in the config (``[::1]:8080``, ``:8080``)."""
+        return _format_address(self.host, self.port)
+
+    def __str__(self) -> str:
+        return self.address
+
+
+class Limits(BaseModel):
+    """Per-request limits of the data-plane listener (see ``http1.server.ServerLimits``)."""
+
+    model_config = _model()
+
+    max_header_bytes: Size = Field(default=16 * 1024, gt=0)
+    max_header_count: Int = Field(default=100, ge=1)
+    max_body_bytes: Size = Field(default=10 * 1024 * 1024, ge=0)
+    header_timeout: PositiveDuration = 10.0
+    idle_timeout: PositiveDuration = 75.0
+    body_timeout: PositiveDuration = 30.0
+
+
+class AccessLog(BaseModel):
+    """``path``: ``stdout``, ``off``, or a file to append JSON lines to."""
+
+    model_config = _model()
+
+    path: str = "stdout"
+
+    @field_validator("path")
+    @classmethod
+    def _non_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("expected stdout, off, or a file path; got an empty string")
+        return value
+
+    @property
+    def enabled(self) -> bool:
+        return self.path != "off"
+
+    @property
+    def to_stdout(self) -> bool:
+        return self.path == "stdout"
+
+    @property
+    def file(self) -> str | None:
+        """The file path, or ``None`` for ``stdout``/``off``."""
+        return None if self.path in ("stdout", "off") else self.path
+
+
+def _listeners(value: Any) -> Any:
+    return [value] if isinstance(value, str | dict) else value
+
+
+class GatewayConfig(BaseModel):
+    model_config = _model()
+
+    listen: Annotated[list[Listener], BeforeValidator(_listeners)] = Field(
+        default_factory=lambda: [Listener(host="127.0.0.1", port=8080)], min_length=1
+    )
+    limits: Annotated[Limits, _Section] = Field(default_factory=Limits)
+    access_log: Annotated[AccessLog, _Section] = Field(default_factory=AccessLog)
+    drain_timeout: Duration = 30.0
+    via: str = "piuptime"
+
+    @field_validator("listen")
+    @classmethod
+    def _unique_listeners(cls, value: list[Listener]) -> list[Listener]:
+        seen: dict[tuple[str, int], int] = {}
+        for index, listener in enumerate(value):
+            key = (listener.host, listener.port)
+            if key in seen and listener.port != 0:
+                raise SchemaValueError(
+                    f"{listener} is listed twice (also at listen[{seen[key]}])", (index,)
+                )
+            seen[key] = index
+        return value
+
+    @field_validator("via")
+    @classmethod
+    def _via_token(cls, value: str) -> str:
+        if not _is_token(value):
+            raise ValueError(
+                f"the Via pseudonym is one word of letters, digits and -._~ (got {value!r})"
+            )
+        return value
+
+
+# --------------------------------------------------------------------------------------------
+# admin, store
+
+
+class AdminConfig(BaseModel):
+    """The admin listener (API, dashboard, /metrics). Not built yet: a non-null section is an
+    error at load time."""
+
+    model_config = _model()
+
+    listen: str = "127.0.0.1:9180"
+    token: str | None = None
+
+    @field_validator("listen")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        parse_address(value)
+        return value
+
+
+class StoreConfig(BaseModel):
+    model_config = _model()
+
+    sqlite: str = "./piuptime.db"
+    redis: str | None = None
+
+    @field_validator("sqlite")
+    @classmethod
+    def _non_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("expected a file path for the SQLite database, got an empty string")
+        return value
+
+
+# --------------------------------------------------------------------------------------------
+# upstreams
+
+_URL_HINT = 'expected a target URL like "http://10.0.0.5:8000" (http or https, host, port)'
+
+
+@lru_cache(maxsize=4096)
+def split_target_url(url: str) -> tuple[str, str, int]:
+    """``"http://h:9001/"`` → ``("http", "h", 9001)``; default ports 80/443; IPv6 hosts come
+    back without brackets. Raises ``ValueError`` for anything but scheme://host[:port][/]."""
+    text = url.strip()
+    if text != url or any(ch.isspace() for ch in url):
+        raise ValueError(f"{_URL_HINT}, got {url!r} (it contains spaces)")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"{_URL_HINT}, got {url!r} ({exc})") from None
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https") or not url.lower().startswith(f"{scheme}://"):
+        raise ValueError(f"{_URL_HINT}, got {url!r}")
+    if "@" in parts.netloc:
+        raise ValueError(f"a target URL cannot carry a user name or password: {url!r}")
+    host = parts.hostname or ""
+    if not host or not _is_hostname(host):
+        raise ValueError(f"{_URL_HINT}, got {url!r} (no valid host)")
+    if parts.path not in ("", "/"):
+        raise ValueError(
+            f"a target URL has no path, got {url!r}: write {scheme}://{parts.netloc} and use "
+            "the route's rewrite to change the path"
+        )
+    if parts.query or parts.fragment or "?" in url or "#" in url:
+        raise ValueError(f"a target URL has no query or fragment, got {url!r}")
+    if port is None:
+        port = 443 if scheme == "https" else 80
+    elif port == 0:
+        raise ValueError(f"the port of a target must be from 1 to 65535, got {url!r}")
+    return scheme, host.lower(), port
+
+
+class Target(BaseModel):
+    """One server of an upstream. A plain string is taken as its ``url``."""
+
+    model_config = _model()
+
+    url: str
+    weight: Int = Field(default=1, ge=1, le=1000)
+    backup: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_url(cls, data: Any) -> Any:
+        return {"url": data} if isinstance(data, str) else data
+
+    @field_validator("url")
+    @classmethod
+    def _valid_url(cls, value: str) -> str:
+        split_target_url(value)
+        return value
+
+    @property
+    def scheme(self) -> str:
+        """``"http"`` or ``"https"``."""
+        return split_target_url(self.url)[0]
+
+    @property
+    def host(self) -> str:
+        """Host name or IP (IPv6 without brackets), lower-case."""
+        return split_target_url(self.url)[1]
+
+    @property
+    def port(self) -> int:
+        return split_target_url(self.url)[2]
+
+    @property
+    def authority(self) -> str:
+        """``host:port`` (IPv6 in brackets): the Host value for ``host_header: target``."""
+        return _format_address(self.host, self.port)
+
+    @property
+    def key(self) -> tuple[str, str, int]:
+        """``(scheme, host, port)``: one connection pool per key."""
+        return split_target_url(self.url)
+
+
+class Timeouts(BaseModel):
+    model_config = _model()
+
+    connect: PositiveDuration = 2.0
+    read: PositiveDuration = 30.0
+
+
+class Pool(BaseModel):
+    model_config = _model()
+
+    max_connections: Int = Field(default=256, ge=1)
+    max_idle: Int = Field(default=64, ge=0)
+    idle_timeout: PositiveDuration = 60.0
+
+
+class UpstreamTLS(BaseModel):
+    """How the gateway checks an https target's certificate."""
+
+    model_config = _model()
+
+    verify: bool = True
+    ca: str | None = None
+    server_name: str | None = None
+
+    @field_validator("ca")
+    @classmethod
+    def _ca_exists(cls, value: str | None) -> str | None:
+        return None if value is None else _readable_file(value, "CA file")
+
+    @field_validator("server_name")
+    @classmethod
+    def _server_name(cls, value: str | None) -> str | None:
+        if value is not None and not _is_hostname(value):
+            raise ValueError(f"expected a host name, got {value!r}")
+        return value
+
+
+class Retries(BaseModel):
+    """Not built yet (parsed, then rejected at load time)."""
+
+    model_config = _model()
+
+    attempts: Int = Field(default=1, ge=0, le=10)
+    budget: Percent = 0.2
+
+
+class ActiveHealth(BaseModel):
+    model_config = _model()
+
+    path: str = "/"
+    interval: PositiveDuration = 5.0
+    timeout: PositiveDuration = 1.0
+    healthy_after: Int = Field(default=2, ge=1)
+    unhealthy_after: Int = Field(default=3, ge=1)
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError(f"a health-check path starts with /, got {value!r}")
+        return value
+
+
+class PassiveHealth(BaseModel):
+    model_config = _model()
+
+    consecutive_failures: Int = Field(default=5, ge=1)
+    eject_for: PositiveDuration = 30.0
+
+
+class Health(BaseModel):
+    """Not built yet (parsed, then rejected at load time)."""
+
+    model_config = _model()
+
+    active: ActiveHealth | None = None
+    passive: PassiveHealth | None = None
+
+
+class Upstream(BaseModel):
+    model_config = _model()
+
+    balance: Literal["round_robin", "least_conn", "ewma", "hash"] = "round_robin"
+    targets: list[Target] = Field(min_length=1)
+    timeouts: Annotated[Timeouts, _Section] = Field(default_factory=Timeouts)
+    pool: Annotated[Pool, _Section] = Field(default_factory=Pool)
+    tls: Annotated[UpstreamTLS, _Section] = Field(default_factory=UpstreamTLS)
+    retries: Retries | None = None
+    health: Health | None = None
+
+    @field_validator("targets")
+    @classmethod
+    def _unique_targets(cls, value: list[Target]) -> list[Target]:
+        seen: dict[tuple[str, str, int], int] = {}
+        for index, target in enumerate(value):
+            if target.key in seen:
+                raise SchemaValueError(
+                    f"{target.url} is the same server as targets[{seen[target.key]}]; "
+                    "list it once and raise its weight instead",
+                    (index, "url"),
+                )
+            seen[target.key] = index
+        return value
+
+
+# --------------------------------------------------------------------------------------------
+# consumers
+
+
+class Consumer(BaseModel):
+    """Not built yet (parsed, then rejected at load time)."""
+
+    model_config = _model()
+
+    keys: list[str] = Field(default_factory=list)
+    groups: list[str] = Field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------
+# routes
+
+
+def path_captures(path: str) -> tuple[str, ...]:
+    """The ``{name}`` placeholders of a path pattern, in order."""
+    return tuple(_PLACEHOLDER.findall(path))
+
+
+def _check_pattern(value: str, what: str) -> None:
+    if not value.startswith("/"):
+        raise ValueError(f"{what} starts with /, got {value!r}")
+    if "?" in value or "#" in value:
+        raise ValueError(f"{what} cannot contain a query or fragment (? or #), got {value!r}")
+    if any(ch.isspace() or ord(ch) < 0x20 or ch == "\x7f" for ch in value):
+        raise ValueError(f"{what} cannot contain spaces or control characters, got {value!r}")
+    if _PLACEHOLDER.sub("", value).count("{") or _PLACEHOLDER.sub("", value).count("}"):
+        raise ValueError(f"unbalanced {{ or }} in {what} {value!r}; a capture is written {{name}}")
+    names = path_captures(value)
+    for name in names:
+        if not _IDENT.match(name):
+            raise ValueError(
+                f"{{{name}}} in {what} {value!r}: a capture name is letters, digits and _, "
+                "not starting with a digit"
+            )
+
+
+def _methods(value: Any) -> Any:
+    if isinstance(value, str):
+        value = [value]
+    if isinstance(value, list):
+        return [m.upper() if isinstance(m, str) else m for m in value]
+    return value
+
+
+def _hosts(value: Any) -> Any:
+    if value is None:
+        return None
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(h, str) for h in items):
+        raise ValueError(f"expected a host name or a list of host names, got {value!r}")
+    if not items:
+        raise ValueError("expected at least one host name (or leave host out to match any host)")
+    for host in items:
+        bare = host[2:] if host.startswith("*.") else host
+        if ":" in bare and not bare.startswith("["):
+            raise ValueError(f"match.host is a host name without a port, got {host!r}")
+        if not _is_hostname(bare.strip("[]")):
+            raise ValueError(
+                f'expected a host name like api.example.com or "*.example.com", got {host!r}'
+            )
+    lowered = [h.lower() for h in items]
+    return lowered[0] if isinstance(value, str) else lowered
+
+
+class RouteMatch(BaseModel):
+    """What a request must look like for the route to take it."""
+
+    model_config = _model()
+
+    path: str
+    methods: Annotated[list[str] | None, BeforeValidator(_methods)] = None
+    host: Annotated[str | list[str] | None, BeforeValidator(_hosts)] = None
+    headers: Annotated[dict[str, str], _Section] = Field(default_factory=dict)
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        _check_pattern(value, "match.path")
+        names = path_captures(value)
+        for segment in value.split("/"):
+            if "{" in segment and not (segment.startswith("{") and segment.endswith("}")):
+                raise ValueError(
+                    f"a capture is a whole path segment, like /devices/{{id}}/status; "
+                    f"got {segment!r} in {value!r}"
+                )
+        for name in names:
+            if names.count(name) > 1:
+                raise ValueError(f"capture {{{name}}} appears twice in {value!r}")
+        return value
+
+    @field_validator("methods")
+    @classmethod
+    def _methods_tokens(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        if not value:
+            raise ValueError("list at least one method, or leave methods out to match any method")
+        for method in value:
+            if not _is_token(method):
+                raise ValueError(f"not an HTTP method: {method!r}")
+        return list(dict.fromkeys(value))
+
+    @field_validator("headers")
+    @classmethod
+    def _header_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:
+            if not _is_token(name):
+                raise SchemaValueError(f"not an HTTP header name: {name!r}", (name,), on_key=True)
+        return value
+
+    @property
+    def is_prefix(self) -> bool:
+        """``True`` when ``path`` ends in ``/``: it matches everything below it."""
+        return self.path.endswith("/")
+
+    @property
+    def captures(self) -> tuple[str, ...]:
+        """Names of the ``{name}`` segments of ``path``, in order."""
+        return path_captures(self.path)
+
+    @property
+    def hosts(self) -> tuple[str, ...]:
+        """``host`` as a tuple (``()`` = any host), lower-case."""
+        if self.host is None:
+            return ()
+        return (self.host,) if isinstance(self.host, str) else tuple(self.host)
+
+    @property
+    def method_set(self) -> frozenset[str] | None:
+        return None if self.methods is None else frozenset(self.methods)
+
+
+def route_problems(path: object, strip_prefix: object, rewrite: object) -> list[tuple[Loc, str]]:
+    """Checks between a route's fields, on raw or validated values; ``(loc below the route,
+    message)`` for each problem. Values of the wrong type are skipped (the schema reports them)."""
+    problems: list[tuple[Loc, str]] = []
+    if not isinstance(path, str):
+        return problems
+    if is_true(strip_prefix) and not path.endswith("/"):
+        problems.append(
+            (
+                ("strip_prefix",),
+                f"strip_prefix needs a prefix path (ending in /), but match.path {path!r} "
+                "matches exactly; end it with / or remove strip_prefix",
+            )
+        )
+    if isinstance(rewrite, str):
+        captures = path_captures(path)
+        for name in dict.fromkeys(path_captures(rewrite)):
+            if name not in captures:
+                known = ", ".join(f"{{{c}}}" for c in captures) or "none"
+                problems.append(
+                    (
+                        ("rewrite",),
+                        f"{{{name}}} is not captured by match.path {path!r} (captures: {known})",
+                    )
+                )
+    return problems
+
+
+def config_problems(routes: object, upstreams: object) -> list[tuple[Loc, str]]:
+    """Checks across sections, on raw or validated data: duplicate route names and routes naming
+    an upstream that does not exist."""
+    problems: list[tuple[Loc, str]] = []
+    if not isinstance(routes, list):
+        return problems
+    names: dict[str, int] = {}
+    upstream_names = [str(u) for u in upstreams] if isinstance(upstreams, dict) else None
+    for index, route in enumerate(routes):
+        if isinstance(route, Route):
+            name: object = route.name
+            upstream: object = route.upstream
+        elif isinstance(route, dict):
+            name, upstream = route.get("name"), route.get("upstream")
+        else:
+            continue
+        if isinstance(name, str):
+            if name in names:
+                problems.append(
+                    (
+                        ("routes", index, "name"),
+                        f"duplicate route name {name!r} (routes[{names[name]}] has it too); "
+                        "route names must be unique",
+                    )
+                )
+            else:
+                names[name] = index
+        known = upstream_names is not None and upstream in upstream_names
+        if isinstance(upstream, str) and upstream_names is not None and not known:
+            defined = ", ".join(upstream_names) or "none"
+            problems.append(
+                (
+                    ("routes", index, "upstream"),
+                    f"unknown upstream {upstream!r}{_suggest(upstream, upstream_names)} "
+                    f"(defined under upstreams: {defined})",
+                )
+            )
+    return problems
+
+
+def _plugins(value: Any) -> Any:
+    if value is None:
+        return {}
+    if isinstance(value, dict):
+        return {k: ({} if v is None else v) for k, v in value.items()}
+    return value
+
+
+class Route(BaseModel):
+    model_config = _model()
+
+    name: str
+    match: RouteMatch
+    priority: Int | None = None
+    upstream: str
+    strip_prefix: bool = False
+    rewrite: str | None = None
+    host_header: str = "pass"
+    max_body_bytes: Size | None = None
+    plugins: Annotated[dict[str, dict[str, Any]], BeforeValidator(_plugins)] = Field(
+        default_factory=dict
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not value.strip() or value != value.strip():
+            raise ValueError(f"a route name is non-empty, without surrounding spaces: {value!r}")
+        return value
+
+    @field_validator("rewrite")
+    @classmethod
+    def _rewrite(cls, value: str | None) -> str | None:
+        if value is not None:
+            _check_pattern(value, "rewrite")
+        return value
+
+    @field_validator("host_header")
+    @classmethod
+    def _host_header(cls, value: str) -> str:
+        if value in ("pass", "target"):
+            return value
+        try:
+            if value.startswith("[") and value.endswith("]"):
+                ipaddress.IPv6Address(value[1:-1])
+                valid = True
+            elif ":" in value:
+                host, port = parse_address(value)
+                valid = bool(host) and port > 0
+            else:
+                valid = _is_hostname(value)
+        except ValueError:
+            valid = False
+        if not valid:
+            raise ValueError(
+                'expected "pass" (keep the client\'s Host), "target" (the target\'s host:port) '
+                f"or a host name to send, got {value!r}"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Route:
+        problems = route_problems(self.match.path, self.strip_prefix, self.rewrite)
+        if problems:
+            raise SchemaValueError(problems[0][1], problems[0][0])
+        return self
+
+
+class Config(BaseModel):
+    """The whole configuration file."""
+
+    model_config = _model()
+
+    gateway: Annotated[GatewayConfig, _Section] = Field(default_factory=GatewayConfig)
+    admin: AdminConfig | None = None
+    store: Annotated[StoreConfig, _Section] = Field(default_factory=StoreConfig)
+    upstreams: Annotated[dict[str, Upstream], _Section] = Field(default_factory=dict)
+    consumers: Annotated[dict[str, Consumer], _Section] = Field(default_factory=dict)
+    routes: Annotated[list[Route], _Items] = Field(default_factory=list)
+    llm: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _references(self) -> Config:
+        problems = config_problems(self.routes, self.upstreams)
+        if problems:
+            raise SchemaValueError(problems[0][1], problems[0][0])
+        return self
+
+    def route(self, name: str) -> Route:
+        """The route called ``name``; ``KeyError`` if there is none."""
+        for route in self.routes:
+            if route.name == name:
+                return route
+        raise KeyError(name)
