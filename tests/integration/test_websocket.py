@@ -23,7 +23,7 @@ async def _echo(ws: ServerConnection) -> None:
 
 
 async def test_websocket_echo_through_the_gateway() -> None:
-    async with serve(_echo, "127.0.0.1", 0) as server:
+    async with serve(_echo, "127.0.0.1", 0, max_size=None) as server:
         up_port = next(iter(server.sockets)).getsockname()[1]
         app, port = await start_app(gateway_yaml({"main": [up_port]}, ROUTES))
         try:

@@ -219,7 +219,7 @@ async def _request_body(req: Request) -> bytes | AsyncIterator[bytes] | None:
     length = req.content_length
     if length is not None and length <= _SMALL_BODY:
         if length > req.max_body_bytes:
-            raise BodyTooLarge(length, req.max_body_bytes)
+            raise BodyTooLarge(f"request body exceeds {req.max_body_bytes} bytes")
         parts = []
         while True:
             chunk = await req.read()

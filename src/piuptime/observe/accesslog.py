@@ -81,7 +81,7 @@ class AccessLog:
         if not self.enabled:
             return
         line = orjson.dumps(entry, option=orjson.OPT_APPEND_NEWLINE)
-        if self._batch_bytes + self._in_flight > self.max_pending_bytes:
+        if self._batch_bytes + self._in_flight + len(line) > self.max_pending_bytes:
             self.dropped += 1
             return
         self._batch.append(line)
