@@ -148,6 +148,10 @@ class _TooLarge(Exception):
     pass
 
 
+def _tag(tag: str) -> str:
+    return "!!" + tag[len("tag:yaml.org,2002:") :] if tag.startswith("tag:yaml.org,2002:") else tag
+
+
 def _mark(node: Node) -> tuple[int, int]:
     return node.start_mark.line + 1, node.start_mark.column + 1
 
@@ -186,11 +190,11 @@ class _Builder:
         try:
             if isinstance(node, SequenceNode):
                 if node.tag != _SEQ:
-                    self._problem(node, loc, f"unsupported YAML tag {node.tag}; remove it")
+                    self._problem(node, loc, f"unsupported YAML tag {_tag(node.tag)}; remove it")
                 return [self.build(item, (*loc, i), depth + 1) for i, item in enumerate(node.value)]
             assert isinstance(node, MappingNode)
             if node.tag != _MAP:
-                self._problem(node, loc, f"unsupported YAML tag {node.tag}; remove it")
+                self._problem(node, loc, f"unsupported YAML tag {_tag(node.tag)}; remove it")
             result: dict[str, Any] = {}
             self._mapping(node, loc, depth, result, explicit=True)
             return result
@@ -272,12 +276,15 @@ class _Builder:
             if tag == _FLOAT:
                 if not _FLOAT_RE.fullmatch(text):
                     raise ValueError
-                return float(text.replace("inf", "Inf").replace("INF", "Inf"))
+                lowered = text.lower()
+                if lowered.endswith((".inf", ".nan")):
+                    return float(lowered.replace(".", ""))
+                return float(text)
         except ValueError:
             short = tag.rpartition(":")[2]
             self._problem(node, loc, f"{text!r} is not a valid {short}")
             return text
-        self._problem(node, loc, f"unsupported YAML tag {tag}; remove it")
+        self._problem(node, loc, f"unsupported YAML tag {_tag(tag)}; remove it")
         return text
 
 

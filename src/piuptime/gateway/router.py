@@ -32,9 +32,9 @@ __all__ = ["Match", "RouteSpec", "Router"]
 _EMPTY_PARAMS: dict[str, str] = {}
 
 # Path-specificity classes of one pattern position (bigger is more specific).
-_LITERAL = 2
+_LITERAL = 0
 _PARAM = 1
-_PREFIX_END = 0
+_PREFIX_END = 2
 
 
 @dataclass(frozen=True, slots=True)
