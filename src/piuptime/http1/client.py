@@ -1055,7 +1055,7 @@ class Pool:
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
-                waiter.set_result(None)  # the waiter sees the pool closed and frees the slot
+                waiter.set_exception(ConnectError("connection pool is closed"))
 
     # ---- acquiring
 
@@ -1110,7 +1110,7 @@ class Pool:
             async with asyncio.timeout(self._options.connect_timeout):
                 grant = await waiter
         except BaseException as exc:
-            if waiter.done() and not waiter.cancelled():
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
                 self._give_back(waiter.result())
             else:
                 waiter.cancel()
