@@ -1179,7 +1179,9 @@ class Pool:
             return
         assert self._loop is not None
         conn._state = _IDLE
-        conn._idle_since = conn._last  # when the response's last bytes arrived: close enough
+        # Idle since the response's last byte: when the upstream's own keep-alive timer
+        # started too (and one loop.time() call fewer per request).
+        conn._idle_since = conn._last
         idle = self._idle
         idle.append(conn)
         if len(idle) > self._options.max_idle:
