@@ -43,7 +43,11 @@ HIGH_WATER = 64 * 1024
 """Unread request-body (or tunnel) bytes above which the server stops reading the socket."""
 
 LINGER_SECONDS = 2.0
-"""How long a closing connection keeps reading (and discarding) so the client sees the answer."""
+"""At most this long a closing connection keeps reading (and discarding) what the client still
+sends, so that unread bytes do not turn our close into a reset that destroys the answer."""
+
+LINGER_IDLE = 0.5
+"""A lingering connection closes once the client has been silent this long (or sends EOF)."""
 
 
 @dataclass(slots=True)
@@ -622,6 +626,7 @@ class _Connection(asyncio.Protocol):
         "_client_port",
         "_closed",
         "_closing",
+        "_completed",
         "_current",
         "_deadline",
         "_drain_waiter",
@@ -632,6 +637,7 @@ class _Connection(asyncio.Protocol):
         "_head_raw",
         "_host_seen",
         "_limits",
+        "_linger_until",
         "_loop",
         "_mode",
         "_parser",
@@ -676,12 +682,14 @@ class _Connection(asyncio.Protocol):
         self._write_timer: asyncio.TimerHandle | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
+        self._linger_until = 0.0
         self._timer_kind = _T_NONE
         self._deadline = 0.0
         self._head: Request | None = None  # request whose head is being parsed
         self._head_new = False
         self._head_raw = 0
         self._read_size = 0
+        self._completed = 0  # requests completed during the current read
         self._trailers = 0
         self._url = b""
         self._body_req: Request | None = None  # request whose body is being parsed
@@ -715,6 +723,7 @@ class _Connection(asyncio.Protocol):
             self._other_data(data)
             return
         self._read_size = len(data)
+        self._completed = 0
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -870,6 +879,7 @@ class _Connection(asyncio.Protocol):
         if req is None:
             return  # an upgrade request whose body is re-framed (see _BodyOnly)
         self._body_req = None
+        self._completed += 1
         req._complete = True
         if req._waiter is not None:
             req._wake()
@@ -901,7 +911,11 @@ class _Connection(asyncio.Protocol):
             req._upgrade_value = value.lower()
 
     def _check_transfer_encoding(self, req: Request) -> None:
-        """Only exactly one final ``chunked`` is accepted, and only from HTTP/1.1 clients."""
+        """Accept exactly one final ``chunked``, from HTTP/1.1 clients only (RFC 9112 6.1, 6.3).
+
+        A body whose length cannot be determined (``chunked`` missing, not last, repeated,
+        empty list elements) is 400; a well-framed body under a coding we do not decode
+        (``gzip, chunked``) is 501."""
         assert req._te is not None
         if req.version != b"1.1":
             self._refuse(400, "bad_request", "Transfer-Encoding in an HTTP/1.0 request")
@@ -909,12 +923,14 @@ class _Connection(asyncio.Protocol):
         if codings == [b"chunked"]:
             req.chunked = True
             return
-        if b"chunked" in codings or b"" in codings:
+        if codings[-1] != b"chunked" or codings.count(b"chunked") > 1 or b"" in codings:
             self._refuse(400, "bad_request", "invalid Transfer-Encoding")
         self._refuse(501, "not_implemented", "unsupported transfer-coding")
 
     def _other_target(self, req: Request, target: bytes) -> None:
         """``*`` (OPTIONS) or absolute-form (``http://host/path?q``, which also sets ``host``)."""
+        if req.method == b"CONNECT":
+            self._refuse(501, "not_implemented", "CONNECT is not supported")
         if target == b"*":
             req.path, req.query = target, b""
             return
@@ -985,7 +1001,8 @@ class _Connection(asyncio.Protocol):
         if reject is None:
             if self._mode != _M_HTTP:
                 return  # parsing was stopped on purpose (data after the last request)
-            reject = _parser_error_status(exc, data)
+            # the failing request starts the read when no request completed before it in it
+            reject = _parser_error_status(exc, data if self._completed == 0 else b"")
         self._stop_parsing()
         self._fail_request(*reject)
 
@@ -1032,7 +1049,9 @@ class _Connection(asyncio.Protocol):
             tunnel = self._tunnel
             assert tunnel is not None
             tunnel._feed(data)
-        # _M_STOPPED: left-over bytes after the last request; _M_LINGER: discarded
+        elif mode == _M_LINGER:  # discarded; the client is still talking, wait a little more
+            self._set_timer(_T_LINGER, min(LINGER_IDLE, self._linger_until - self._loop.time()))
+        # _M_STOPPED: left-over bytes after the last request, ignored
 
     def _upgraded(self, rest: bytes) -> None:
         """llhttp finished an upgrade request's head; ``rest`` is what followed it."""
@@ -1159,7 +1178,9 @@ class _Connection(asyncio.Protocol):
         self._mode = _M_LINGER
         if transport.can_write_eof():
             transport.write_eof()
-        self._set_timer(_T_LINGER, LINGER_SECONDS)
+        self._linger_until = self._loop.time() + LINGER_SECONDS
+        self._set_timer(_T_LINGER, LINGER_IDLE)
+        self._server._check_drained()
         if self._read_paused:
             self._read_paused = False
             transport.resume_reading()
@@ -1277,9 +1298,9 @@ def _parser_error_status(exc: Exception, data: bytes) -> tuple[int, str, str]:
     """The status for an error llhttp found by itself."""
     message = str(exc) or "malformed request"
     if isinstance(exc, httptools.HttpParserInvalidMethodError):
-        # unknown but well-formed method → 501; garbage → 400 (a best-effort look at the line)
-        tail = data.rsplit(b"\r\n\r\n", 1)[-1].lstrip(b"\r\n")
-        method, space, _ = tail.partition(b" ")
+        # unknown but well-formed method → 501; garbage → 400. ``data`` is the read holding
+        # the request line when known (else empty: 400).
+        method, space, _ = data.lstrip(b"\r\n").partition(b" ")
         if space and method and all(c in _TOKEN_CHARS for c in method):
             return 501, "not_implemented", "method not implemented"
         return 400, "bad_request", message
@@ -1358,18 +1379,29 @@ class Server:
             conn._drain_now()
 
     async def drain(self, timeout: float) -> bool:  # noqa: ASYNC109 (the contract)
-        """Wait up to ``timeout`` for every connection to finish; True if all did."""
+        """Wait up to ``timeout`` for every connection to finish its exchange; True if all did.
+
+        A connection counts as finished once it is closing (a lingering close included)."""
         if not self._draining:
             self.close_listeners()
-        if not self._connections:
+        if self._drained():
             return True
         if self._all_closed is None or self._all_closed.done():
             self._all_closed = asyncio.get_running_loop().create_future()
         try:
             await asyncio.wait_for(asyncio.shield(self._all_closed), timeout)
         except TimeoutError:
-            return not self._connections
+            return self._drained()
         return True
+
+    def _drained(self) -> bool:
+        return all(conn._closing for conn in self._connections)
+
+    def _check_drained(self) -> None:
+        """Wake ``drain`` when the last busy connection finished (closed or is closing)."""
+        waiter = self._all_closed
+        if waiter is not None and not waiter.done() and self._drained():
+            waiter.set_result(None)
 
     def abort_all(self) -> None:
         """Close every listener and connection at once."""
@@ -1382,9 +1414,7 @@ class Server:
 
     def _connection_lost(self, conn: _Connection) -> None:
         self._connections.discard(conn)
-        waiter = self._all_closed
-        if not self._connections and waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self._check_drained()
 
     def _report(self, req: Request | None, status: int, message: str) -> None:
         """Tell the ``on_error`` hook about an error the server answered itself."""
