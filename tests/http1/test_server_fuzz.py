@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from itertools import pairwise
 
 import uvloop
 from hypothesis import HealthCheck, given, settings
@@ -52,7 +53,7 @@ def specs(draw: st.DrawFn) -> Spec:
             cuts = sorted(draw(st.sets(st.integers(1, max(1, len(body) - 1)), max_size=6)))
             cuts = [c for c in cuts if 0 < c < len(body)]
             bounds = [0, *cuts, len(body)]
-            chunks = [b - a for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
+            chunks = [b - a for a, b in pairwise(bounds) if b > a]
     spec = Spec(method, target, headers, body, chunks)
     spec.raw = serialise(spec, draw(st.booleans()))
     return spec
@@ -109,7 +110,7 @@ async def exchange(raw: bytes, cuts: list[int], count: int) -> tuple[list, list[
         reader, writer = await asyncio.open_connection(HOST, server.sockets[0].getsockname()[1])
         client = RawClient(reader, writer)
         bounds = [0, *cuts, len(raw)]
-        for a, b in zip(bounds, bounds[1:], strict=False):
+        for a, b in pairwise(bounds):
             writer.write(raw[a:b])
             await writer.drain()
             await asyncio.sleep(0)
