@@ -160,7 +160,7 @@ def _ms(text: str) -> float:
 def wrk(port: int, *, duration: float, connections: int, cpu: str | None,
         path: str = "/", headers: tuple[str, ...] = ()) -> WrkResult:
     binary = need("wrk", "apt-get install wrk")
-    args = [*taskset(cpu), binary, "-t1", f"-c{connections}", f"-d{duration}s", "--latency"]
+    args = [*taskset(cpu), binary, "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s", "--latency"]
     for h in headers:
         args += ["-H", h]
     args.append(f"http://127.0.0.1:{port}{path}")
