@@ -110,6 +110,14 @@ Size = Annotated[int, BeforeValidator(_size)]
 Percent = Annotated[float, BeforeValidator(_percent)]
 Int = Annotated[int, BeforeValidator(_integer)]
 
+
+def _fspath(value: Any) -> Any:
+    return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+
+#: A file path; code building a config may pass a ``pathlib.Path``.
+PathStr = Annotated[str, BeforeValidator(_fspath)]
+
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
 _HOSTNAME = re.compile(rf"(?=.{{1,253}}\Z){_LABEL}(?:\.{_LABEL})*\.?\Z")
@@ -218,8 +226,8 @@ class TLSFiles(BaseModel):
 
     model_config = _model()
 
-    cert: str
-    key: str
+    cert: PathStr
+    key: PathStr
 
     @field_validator("cert")
     @classmethod
@@ -305,7 +313,7 @@ class AccessLog(BaseModel):
 
     model_config = _model()
 
-    path: str = "stdout"
+    path: PathStr = "stdout"
 
     @field_validator("path")
     @classmethod
@@ -389,7 +397,7 @@ class AdminConfig(BaseModel):
 class StoreConfig(BaseModel):
     model_config = _model()
 
-    sqlite: str = "./piuptime.db"
+    sqlite: PathStr = "./piuptime.db"
     redis: str | None = None
 
     @field_validator("sqlite")
@@ -506,7 +514,7 @@ class UpstreamTLS(BaseModel):
     model_config = _model()
 
     verify: bool = True
-    ca: str | None = None
+    ca: PathStr | None = None
     server_name: str | None = None
 
     @field_validator("ca")
