@@ -96,7 +96,6 @@ def test_full_route_values() -> None:
               methods: [get, Post, GET]
               host: API.Example.com
             upstream: app
-            strip_prefix: true
             rewrite: /devices/{id}/
             host_header: backend.internal:8443
             max_body_bytes: 1KB
@@ -296,6 +295,11 @@ CASES = [
      "  - name: r\n    match: {path: '/d/{id}'}\n    upstream: app\n    rewrite: /x/{name}\n",
      "t.yaml:9:14: routes[0].rewrite: {name} is not captured by match.path '/d/{id}' "
      "(captures: {id})"),
+    ("strip_prefix with rewrite", UPSTREAM + "routes:\n"
+     "  - name: r\n    match: {path: /a/}\n    upstream: app\n    strip_prefix: true\n"
+     "    rewrite: /b/\n",
+     "t.yaml:9:19: routes[0].strip_prefix: strip_prefix and rewrite together: rewrite already "
+     "replaces the matched part of the path; keep only one of them"),
     ("path must start with /", UPSTREAM + "routes:\n"
      "  - {name: r, match: {path: api/}, upstream: app}\n",
      "t.yaml:6:29: routes[0].match.path: match.path starts with /, got 'api/'"),

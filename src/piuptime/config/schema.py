@@ -748,6 +748,14 @@ def route_problems(path: object, strip_prefix: object, rewrite: object) -> list[
                 "matches exactly; end it with / or remove strip_prefix",
             )
         )
+    if is_true(strip_prefix) and isinstance(rewrite, str):
+        problems.append(
+            (
+                ("strip_prefix",),
+                "strip_prefix and rewrite together: rewrite already replaces the matched part "
+                "of the path; keep only one of them",
+            )
+        )
     if isinstance(rewrite, str):
         captures = path_captures(path)
         for name in dict.fromkeys(path_captures(rewrite)):
