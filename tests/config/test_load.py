@@ -531,6 +531,13 @@ def test_missing_env_var_is_reported_alone_at_its_value() -> None:
     ]
 
 
+def test_missing_env_var_in_a_shorthand_target() -> None:
+    assert issues('upstreams:\n  m:\n    targets: ["http://${OLLAMA_HOST}:11434"]\n') == [
+        "t.yaml:3:15: upstreams.m.targets[0]: environment variable OLLAMA_HOST is not set; set "
+        "it, or write ${OLLAMA_HOST:-default} to give a default"
+    ]
+
+
 def test_env_defaults_to_process_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PIUPTIME_TEST_VIA", "from-env")
     config = parse_config("gateway: {via: '${PIUPTIME_TEST_VIA}'}\n")

@@ -530,7 +530,11 @@ def _issues(filename: str, builder: _Builder, problems: list[_Problem]) -> list[
         # Inside a section that is not supported yet, that one message is enough.
         if any(len(problem.loc) > len(u) and problem.loc[: len(u)] == u for u in unsupported):
             continue
-        if not (problem.line or problem.unsupported) and problem.loc in builder.broken:
+        # A value that could not be built (a missing ${VAR}, a bad tag) already has its message;
+        # what the schema says about it, or about what a validator made of it, is noise.
+        if not (problem.line or problem.unsupported) and any(
+            problem.loc[: len(b)] == b for b in builder.broken
+        ):
             continue
         loc, line, column = _position(builder, problem)
         path = format_loc(loc)
