@@ -429,3 +429,26 @@ async def test_client_disconnect_is_seen_by_a_reading_handler() -> None:
         await eventually(lambda: outcome == ["ClientDisconnected"])
         await eventually(lambda: sut.server.active_connections == 0)
         assert sut.server.active_requests == 0
+
+
+async def test_client_half_close_still_gets_its_answers() -> None:
+    async with serve(echo) as sut:
+        client = await sut.connect()
+        await client.send(request("POST", "/a", body=b"1") + request("GET", "/b"))
+        client.writer.write_eof()
+        assert (await client.response()).json() == {"method": "POST", "path": "/a", "body": "1"}
+        assert (await client.response()).json() == {"method": "GET", "path": "/b", "body": ""}
+        assert await client.closed()
+
+
+async def test_expect_100_continue_not_sent_once_body_bytes_arrived() -> None:
+    async with serve(echo) as sut:
+        client = await sut.connect()
+        await client.send(
+            b"POST /up HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 6\r\n\r\nabc"
+        )
+        await eventually(lambda: sut.paths == [b"/up"])
+        await client.send(b"def")
+        resp = await client.response()
+        assert resp.status == 200  # no interim 100: the client did not wait for it
+        assert resp.json() == {"method": "POST", "path": "/up", "body": "abcdef"}

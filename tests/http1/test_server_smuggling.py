@@ -6,10 +6,12 @@ close, and the handler must never see ``/smuggled``."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from piuptime.http1.server import ServerLimits
-from tests.http1.server_helpers import echo, serve
+from tests.http1.server_helpers import echo, eventually, serve
 
 SMUGGLED = b"GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
 
@@ -302,3 +304,68 @@ async def test_request_after_connection_close_is_ignored() -> None:
         assert await client.closed()
         assert sut.paths == [b"/first"]
         assert sut.errors == []
+
+
+async def test_upgrade_request_body_arriving_later_is_read_too() -> None:
+    head = post(b"Connection: upgrade\r\nUpgrade: h2c\r\nContent-Length: 10\r\n", b"")
+    async with serve(echo) as sut:
+        client = await sut.connect()
+        await client.send(head)
+        await eventually(lambda: sut.paths == [b"/first"])
+        await client.send(b"hello")
+        await client.send(b"world" + SMUGGLED)
+        resp = await client.response()
+        assert resp.json() == {"method": "POST", "path": "/first", "body": "helloworld"}
+        assert await client.closed()
+        assert sut.paths == [b"/first"]
+
+
+async def test_huge_header_sent_in_pieces_is_refused_before_the_head_ends() -> None:
+    async with serve(echo, LIMITS) as sut:
+        client = await sut.connect()
+        await client.send(b"GET /first HTTP/1.1\r\nHost: x\r\nX-Big: ")
+        for _ in range(10):  # 10 x 1000 bytes of one header value, never finished
+            client.writer.write(b"v" * 1000)
+            await client.writer.drain()
+            await asyncio.sleep(0)
+        resp = await client.response()
+        assert resp.status == 431
+        assert await client.closed()
+        assert sut.seen == []
+
+
+async def test_many_headers_sent_in_pieces_are_refused() -> None:
+    async with serve(echo, LIMITS) as sut:
+        client = await sut.connect()
+        await client.send(b"GET /first HTTP/1.1\r\nHost: x\r\n")
+        for _ in range(3):
+            client.writer.write(b"X-A: b\r\n" * 6)
+            await client.writer.drain()
+            await asyncio.sleep(0)
+        resp = await client.response()
+        assert resp.status == 431
+        assert await client.closed()
+
+
+async def test_long_url_sent_in_pieces_gets_414() -> None:
+    async with serve(echo, LIMITS) as sut:
+        client = await sut.connect()
+        await client.send(b"GET /first")
+        for _ in range(3):
+            client.writer.write(b"a" * 1000)
+            await client.writer.drain()
+            await asyncio.sleep(0)
+        resp = await client.response()
+        assert resp.status == 414
+        assert await client.closed()
+
+
+async def test_too_many_trailer_fields_are_refused() -> None:
+    body = b"5\r\nhello\r\n0\r\n" + b"X-T: v\r\n" * 20 + b"\r\n"
+    async with serve(echo, LIMITS) as sut:
+        client = await sut.connect()
+        await client.send(post(b"Transfer-Encoding: chunked\r\n", body) + SMUGGLED)
+        resp = await client.response()
+        assert resp.status == 400  # the handler's read fails; the server answers
+        assert await client.closed()
+        assert b"/smuggled" not in sut.paths

@@ -267,8 +267,8 @@ class Request:
         if self.expect_continue and not self._continue_sent:
             self._continue_sent = True
             resp = self._resp
-            if resp is not None and not resp.started:
-                conn._transport.write(_CONTINUE)
+            if resp is not None and not resp.started and self._received == 0:
+                conn._transport.write(_CONTINUE)  # not once the client sent body bytes anyway
         waiter: asyncio.Future[None] = conn._loop.create_future()
         self._waiter = waiter
         conn._set_timer(_T_BODY, conn._limits.body_timeout)
@@ -1097,6 +1097,28 @@ class _Connection(asyncio.Protocol):
             raise
         except Exception as exc:
             self._handler_done(req, resp, exc)
+            return
+        if (
+            resp.ended
+            and req._complete
+            and not self._closing
+            and not self._draining
+            and self._mode == _M_HTTP
+            and not self._queue
+            and self._head is None
+            and self._body_req is None
+            and self._pending is None
+            and not self._eof
+        ):
+            # the usual end of a keep-alive exchange: wait idle for the next request
+            self._server.active_requests -= 1
+            self._current = None
+            self._task = None
+            when = self._loop.time() + self._limits.idle_timeout
+            self._timer_kind = _T_IDLE
+            self._deadline = when
+            if self._timer is None or when < self._timer_at:
+                self._set_timer(_T_IDLE, self._limits.idle_timeout)
         else:
             self._handler_done(req, resp, None)
 
