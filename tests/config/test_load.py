@@ -687,3 +687,18 @@ def test_validate_main_prints_every_issue() -> None:
     lines = out.getvalue().splitlines()
     assert len(lines) == len(DESIGN_ISSUES)
     assert all(line.startswith(f"{path}:") for line in lines)
+
+
+def test_pure_python_yaml_gives_the_same_report(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without libyaml the pure-Python parser is used; positions and messages stay the same."""
+    from piuptime.config import load
+
+    path = EXAMPLES / "design-example.yaml"
+    with pytest.raises(ConfigError) as with_c:
+        load_config(path, env={})
+    monkeypatch.setattr(load, "_Composer", load._PyComposer)
+    with pytest.raises(ConfigError) as with_python:
+        load_config(path, env={})
+    assert with_python.value.errors == with_c.value.errors
+    assert one_issue("gateway:\n  via: a\x00b\n").startswith("t.yaml:2:9: invalid YAML:")
+    assert one_issue("gateway:\n  via: [a\n").startswith("t.yaml:3:1: invalid YAML:")
