@@ -127,8 +127,19 @@ def piuptime(config: str, cpu: str | None) -> Iterator[tuple[int, subprocess.Pop
     with tempfile.TemporaryDirectory(prefix="piuptime-bench-") as d:
         path = Path(d) / "piuptime.yaml"
         path.write_text(config.replace("{port}", str(port)).replace("{dir}", d))
-        args = [*taskset(cpu), sys.executable, "-m", "piuptime", "run", "-c", str(path),
-                "--watch-interval", "0", "--log-level", "warning"]
+        args = [
+            *taskset(cpu),
+            sys.executable,
+            "-m",
+            "piuptime",
+            "run",
+            "-c",
+            str(path),
+            "--watch-interval",
+            "0",
+            "--log-level",
+            "warning",
+        ]
         env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
         with started(args, port, env=env) as proc:
             yield port, proc
@@ -143,8 +154,10 @@ class WrkResult:
     requests: int
 
     def row(self, name: str) -> str:
-        return (f"{name:<22} {self.rps:>11,.0f} {self.p50_ms:>9.3f} {self.p99_ms:>9.3f} "
-                f"{self.errors:>8}")
+        return (
+            f"{name:<22} {self.rps:>11,.0f} {self.p50_ms:>9.3f} {self.p99_ms:>9.3f} "
+            f"{self.errors:>8}"
+        )
 
 
 _UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
@@ -157,10 +170,24 @@ def _ms(text: str) -> float:
     return float(m.group(1)) * _UNITS[m.group(2)]
 
 
-def wrk(port: int, *, duration: float, connections: int, cpu: str | None,
-        path: str = "/", headers: tuple[str, ...] = ()) -> WrkResult:
+def wrk(
+    port: int,
+    *,
+    duration: float,
+    connections: int,
+    cpu: str | None,
+    path: str = "/",
+    headers: tuple[str, ...] = (),
+) -> WrkResult:
     binary = need("wrk", "apt-get install wrk")
-    args = [*taskset(cpu), binary, "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s", "--latency"]
+    args = [
+        *taskset(cpu),
+        binary,
+        "-t1",
+        f"-c{connections}",
+        f"-d{max(1, round(duration))}s",
+        "--latency",
+    ]
     for h in headers:
         args += ["-H", h]
     args.append(f"http://127.0.0.1:{port}{path}")

@@ -41,8 +41,9 @@ def piuptime_config(upstream_port: int, routes: int, access_log: bool) -> str:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--duration", type=float, default=10.0, help="seconds per measured round")
     ap.add_argument("--warmup", type=float, default=2.0, help="seconds of warm-up per proxy")
     ap.add_argument("--connections", type=int, default=50)
@@ -57,24 +58,32 @@ def main() -> int:
     rss = 0.0
     with nginx(NGINX_UPSTREAM, args.load_cpu) as up_port:
         cfg = piuptime_config(up_port, args.routes, args.access_log)
-        with nginx(NGINX_PROXY, args.proxy_cpu, upstream=up_port) as nginx_port, \
-                piuptime(cfg, args.proxy_cpu) as (pi_port, proc):
+        with (
+            nginx(NGINX_PROXY, args.proxy_cpu, upstream=up_port) as nginx_port,
+            piuptime(cfg, args.proxy_cpu) as (pi_port, proc),
+        ):
             ports = {"nginx": nginx_port, "piuptime": pi_port}
-            for name, port in ports.items():
+            for port in ports.values():
                 wrk(port, duration=args.warmup, connections=args.connections, cpu=args.load_cpu)
             for _ in range(args.rounds):
                 for name, port in ports.items():
-                    r = wrk(port, duration=args.duration, connections=args.connections,
-                            cpu=args.load_cpu)
+                    r = wrk(
+                        port,
+                        duration=args.duration,
+                        connections=args.connections,
+                        cpu=args.load_cpu,
+                    )
                     results[name].append(r)
                     print(r.row(f"  {name} round"), file=sys.stderr, flush=True)
             rss = rss_mb(proc.pid)
 
     best = {name: max(rs, key=lambda r: r.rps) for name, rs in results.items()}
     n, p = best["nginx"], best["piuptime"]
-    print(f"\nproxy benchmark: {args.connections} connections, {args.duration:.0f}s x "
-          f"{args.rounds} rounds, best round; piuptime routes={args.routes} "
-          f"access_log={'on' if args.access_log else 'off'}")
+    print(
+        f"\nproxy benchmark: {args.connections} connections, {args.duration:.0f}s x "
+        f"{args.rounds} rounds, best round; piuptime routes={args.routes} "
+        f"access_log={'on' if args.access_log else 'off'}"
+    )
     print(f"{'':<22} {'req/s':>11} {'p50 ms':>9} {'p99 ms':>9} {'errors':>8}")
     print(n.row("nginx 1 worker"))
     print(p.row("piuptime 1 process"))

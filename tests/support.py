@@ -123,7 +123,9 @@ class RawClient:
             self._feed(p, c, data, head_only)
         return Reply(p.get_status_code(), c.headers, b"".join(c.body))
 
-    def _feed(self, p: httptools.HttpResponseParser, c: _Collect, data: bytes, head_only: bool) -> None:
+    def _feed(
+        self, p: httptools.HttpResponseParser, c: _Collect, data: bytes, head_only: bool
+    ) -> None:
         try:
             p.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -341,8 +343,9 @@ async def start_app(text: str, tmp_path: Path | None = None, **kw: object):  # t
     return app, port
 
 
-def gateway_yaml(upstreams: dict[str, list[int]], routes: str, extra: str = "",
-                 gateway: str = "") -> str:
+def gateway_yaml(
+    upstreams: dict[str, list[int]], routes: str, extra: str = "", gateway: str = ""
+) -> str:
     """A config with port-0 listener, given upstream target ports and a routes block."""
     lines = ["gateway:", '  listen: ["127.0.0.1:0"]', "  access_log: {path: off}"]
     if gateway:

@@ -119,7 +119,7 @@ async def test_watchdog_pings_stop_while_the_loop_is_blocked(collector: Collecto
         assert time.monotonic() < deadline
         await asyncio.sleep(0.01)
     blocked_from = time.monotonic()
-    time.sleep(0.5)  # deliberately block the event loop, as a bug would
+    time.sleep(0.5)  # noqa: ASYNC251 - deliberately block the event loop, as a bug would
     blocked_until = time.monotonic()
     while not any(t > blocked_until for t, m in collector.messages if "WATCHDOG=1" in m):
         assert time.monotonic() < deadline

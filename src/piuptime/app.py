@@ -204,8 +204,11 @@ class App:
         self.reloads.failed += 1
         self.reloads.last_error = message
         self.reloads.last_error_time = time.time()
-        log.error("configuration reload (%s) rejected; still serving the previous one:\n%s",
-                  reason, message)
+        log.error(
+            "configuration reload (%s) rejected; still serving the previous one:\n%s",
+            reason,
+            message,
+        )
 
     async def _watch(self) -> None:
         """Poll the config file's identity (mtime, size, inode); reload when it changes."""
@@ -249,9 +252,7 @@ class App:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.request_stop)
         loop.add_signal_handler(signal.SIGINT, self.request_stop)
-        loop.add_signal_handler(
-            signal.SIGHUP, lambda: loop.create_task(self.reload("SIGHUP"))
-        )
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload("SIGHUP")))
         loop.add_signal_handler(signal.SIGUSR1, self.access_log.reopen)
         try:
             await self._stop.wait()

@@ -40,11 +40,19 @@ def _parser() -> argparse.ArgumentParser:
         "Ctrl-C drains in-flight requests (gateway.drain_timeout) and stops. Under systemd it "
         "reports READY/RELOADING/STOPPING and feeds the watchdog.",
     )
-    run.add_argument("-c", "--config", default=os.environ.get("PIUPTIME_CONFIG", DEFAULT_CONFIG),
-                     help="config file (default: $PIUPTIME_CONFIG or ./piuptime.yaml)")
-    run.add_argument("--watch-interval", type=float, default=1.0, metavar="SECONDS",
-                     help="how often to check the config file for changes; 0 turns it off "
-                     "(default 1)")
+    run.add_argument(
+        "-c",
+        "--config",
+        default=os.environ.get("PIUPTIME_CONFIG", DEFAULT_CONFIG),
+        help="config file (default: $PIUPTIME_CONFIG or ./piuptime.yaml)",
+    )
+    run.add_argument(
+        "--watch-interval",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="how often to check the config file for changes; 0 turns it off (default 1)",
+    )
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
     demo = sub.add_parser(
@@ -54,9 +62,12 @@ def _parser() -> argparse.ArgumentParser:
         "them with a ready config, and print what to curl. Ctrl-C stops everything.",
     )
     demo.add_argument("--port", type=int, default=8080, help="gateway port (default 8080)")
-    demo.add_argument("--device-port", type=int, default=9001,
-                      help="first demo device port; the devices use it and the next two "
-                      "(default 9001)")
+    demo.add_argument(
+        "--device-port",
+        type=int,
+        default=9001,
+        help="first demo device port; the devices use it and the next two (default 9001)",
+    )
     demo.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
     val = sub.add_parser(

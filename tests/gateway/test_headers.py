@@ -41,16 +41,33 @@ def test_hop_by_hop_and_connection_named_headers_are_removed() -> None:
             (b"accept", b"*/*"),
         ]
     )
-    for gone in (b"connection", b"keep-alive", b"te", b"trailer", b"transfer-encoding",
-                 b"upgrade", b"proxy-authorization", b"proxy-foo", b"x-secret",
-                 b"content-length", b"expect"):
+    for gone in (
+        b"connection",
+        b"keep-alive",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-authorization",
+        b"proxy-foo",
+        b"x-secret",
+        b"content-length",
+        b"expect",
+    ):
         assert gone not in h, gone
     assert h[b"accept"] == [b"*/*"]
 
 
 def test_forwarding_headers() -> None:
-    h = up([(b"x-forwarded-for", b"1.1.1.1"), (b"x-forwarded-for", b"2.2.2.2"),
-            (b"via", b"1.0 edge"), (b"host", b"client-sent"), (b"x-forwarded-proto", b"ftp")])
+    h = up(
+        [
+            (b"x-forwarded-for", b"1.1.1.1"),
+            (b"x-forwarded-for", b"2.2.2.2"),
+            (b"via", b"1.0 edge"),
+            (b"host", b"client-sent"),
+            (b"x-forwarded-proto", b"ftp"),
+        ]
+    )
     assert h[b"x-forwarded-for"] == [b"1.1.1.1, 2.2.2.2, 10.0.0.9"]
     assert h[b"x-forwarded-proto"] == [b"http"]
     assert h[b"x-forwarded-host"] == [b"gw.example"]
@@ -59,8 +76,11 @@ def test_forwarding_headers() -> None:
 
 
 def test_first_hop_and_upgrade() -> None:
-    h = up([(b"upgrade", b"websocket"), (b"connection", b"Upgrade")], upgrade=b"websocket",
-           proto=b"https")
+    h = up(
+        [(b"upgrade", b"websocket"), (b"connection", b"Upgrade")],
+        upgrade=b"websocket",
+        proto=b"https",
+    )
     assert h[b"x-forwarded-for"] == [b"10.0.0.9"]
     assert h[b"x-forwarded-proto"] == [b"https"]
     assert h[b"upgrade"] == [b"websocket"]
@@ -69,23 +89,40 @@ def test_first_hop_and_upgrade() -> None:
 
 def test_response_headers() -> None:
     out = downstream_response_headers(
-        [(b"content-length", b"5"), (b"date", b"x"), (b"connection", b"close, x-hop"),
-         (b"x-hop", b"1"), (b"transfer-encoding", b"chunked"), (b"set-cookie", b"a=1"),
-         (b"set-cookie", b"b=2"), (b"server", b"device")],
+        [
+            (b"content-length", b"5"),
+            (b"date", b"x"),
+            (b"connection", b"close, x-hop"),
+            (b"x-hop", b"1"),
+            (b"transfer-encoding", b"chunked"),
+            (b"set-cookie", b"a=1"),
+            (b"set-cookie", b"b=2"),
+            (b"server", b"device"),
+        ],
         via=b"1.1 piuptime",
         keep_length=True,
     )
-    assert out == [(b"set-cookie", b"a=1"), (b"set-cookie", b"b=2"), (b"server", b"device"),
-                   (b"content-length", b"5"), (b"via", b"1.1 piuptime")]
-    chunked = downstream_response_headers([(b"transfer-encoding", b"chunked")],
-                                          via=b"v", keep_length=False)
+    assert out == [
+        (b"set-cookie", b"a=1"),
+        (b"set-cookie", b"b=2"),
+        (b"server", b"device"),
+        (b"content-length", b"5"),
+        (b"via", b"1.1 piuptime"),
+    ]
+    chunked = downstream_response_headers(
+        [(b"transfer-encoding", b"chunked")], via=b"v", keep_length=False
+    )
     assert chunked == [(b"via", b"v")]
 
 
 def test_tunnel_headers_keep_upgrade() -> None:
     out = tunnel_response_headers(
-        [(b"upgrade", b"websocket"), (b"connection", b"Upgrade"),
-         (b"sec-websocket-accept", b"abc"), (b"content-length", b"0")],
+        [
+            (b"upgrade", b"websocket"),
+            (b"connection", b"Upgrade"),
+            (b"sec-websocket-accept", b"abc"),
+            (b"content-length", b"0"),
+        ],
         via=b"v",
     )
     assert (b"upgrade", b"websocket") in out and (b"sec-websocket-accept", b"abc") in out

@@ -38,8 +38,9 @@ async def test_one_json_line_per_request_with_every_field(up: Upstream, tmp_path
         await fetch(port, "/api/x?secret=1", headers={"X-Request-ID": "abc-1"})
         await fetch(port, "/nope")
         c = await RawClient.connect(port)
-        await c.send(b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nTransfer-Encoding: "
-                     b"chunked\r\n\r\n")
+        await c.send(
+            b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
         assert (await c.read_response()).status == 400
         await c.close()
         await wait_until(lambda: len(_lines(log_path)) == 3, what="3 log lines")

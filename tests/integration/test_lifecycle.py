@@ -53,8 +53,9 @@ async def test_example_config_ready_under_1s_and_idle_rss_under_60mb(tmp_path: P
     for _ in range(2):  # the first start also warms the OS file cache
         notify.messages.clear()
         t0 = time.monotonic()
-        with process(piuptime_cmd("run", "-c", str(cfg)), env=env,
-                     stderr=subprocess.DEVNULL) as proc:
+        with process(
+            piuptime_cmd("run", "-c", str(cfg)), env=env, stderr=subprocess.DEVNULL
+        ) as proc:
             ready = await asyncio.to_thread(notify.wait, "READY=1")
             elapsed = ready - t0
             best = elapsed if best is None else min(best, elapsed)
@@ -89,8 +90,7 @@ async def test_sigterm_drains_in_flight_requests(up: Upstream, tmp_path: Path) -
     )
     notify = NotifySocket(tmp_path / "notify.sock")
     env = python_env() | {"NOTIFY_SOCKET": notify.path}
-    with process(piuptime_cmd("run", "-c", str(cfg)), env=env,
-                 stderr=subprocess.PIPE) as proc:
+    with process(piuptime_cmd("run", "-c", str(cfg)), env=env, stderr=subprocess.PIPE) as proc:
         await asyncio.to_thread(notify.wait, "READY=1")
         pending = asyncio.ensure_future(fetch(port, "/work"))
         await wait_until(lambda: len(up.seen) == 1, what="request reached upstream")
@@ -118,12 +118,13 @@ async def test_drain_timeout_bounds_shutdown(up: Upstream, tmp_path: Path) -> No
             {"main": [up.port]},
             "  - name: api\n    match: {path: /}\n    upstream: main\n",
             gateway="  drain_timeout: 500ms",
-        ).replace('"127.0.0.1:0"', f'"127.0.0.1:{port}"').replace("read: 2s", "read: 60s")
+        )
+        .replace('"127.0.0.1:0"', f'"127.0.0.1:{port}"')
+        .replace("read: 2s", "read: 60s")
     )
     notify = NotifySocket(tmp_path / "notify.sock")
     env = python_env() | {"NOTIFY_SOCKET": notify.path}
-    with process(piuptime_cmd("run", "-c", str(cfg)), env=env,
-                 stderr=subprocess.DEVNULL) as proc:
+    with process(piuptime_cmd("run", "-c", str(cfg)), env=env, stderr=subprocess.DEVNULL) as proc:
         await asyncio.to_thread(notify.wait, "READY=1")
         pending = asyncio.ensure_future(fetch(port, "/hang"))
         await wait_until(lambda: len(up.seen) == 1)
@@ -145,7 +146,7 @@ def _refused(port: int) -> bool:
 
 async def test_invalid_config_at_start_exits_1_with_positions(tmp_path: Path) -> None:
     cfg = tmp_path / "bad.yaml"
-    cfg.write_text("gateway:\n  listen: [\"127.0.0.1:0\"]\n  limts: {}\nroutes: []\n")
+    cfg.write_text('gateway:\n  listen: ["127.0.0.1:0"]\n  limts: {}\nroutes: []\n')
     proc = await asyncio.to_thread(
         subprocess.run, piuptime_cmd("run", "-c", str(cfg)), capture_output=True, timeout=20
     )
@@ -155,8 +156,10 @@ async def test_invalid_config_at_start_exits_1_with_positions(tmp_path: Path) ->
 
 async def test_missing_config_file_says_what_to_do(tmp_path: Path) -> None:
     proc = await asyncio.to_thread(
-        subprocess.run, piuptime_cmd("run", "-c", str(tmp_path / "none.yaml")),
-        capture_output=True, timeout=20,
+        subprocess.run,
+        piuptime_cmd("run", "-c", str(tmp_path / "none.yaml")),
+        capture_output=True,
+        timeout=20,
     )
     assert proc.returncode == 2
     assert "piuptime demo" in proc.stderr.decode()

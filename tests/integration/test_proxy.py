@@ -49,9 +49,16 @@ ROUTES = """\
 async def test_get_is_proxied_with_forwarding_headers(ups: list[Upstream]) -> None:
     app, port = await start_app(gateway_yaml({"main": [ups[0].port]}, ROUTES))
     try:
-        r = await fetch(port, "/api/x?q=1", headers={"X-Forwarded-For": "9.9.9.9",
-                                                    "Connection": "X-Hop", "X-Hop": "1",
-                                                    "Keep-Alive": "timeout=1"})
+        r = await fetch(
+            port,
+            "/api/x?q=1",
+            headers={
+                "X-Forwarded-For": "9.9.9.9",
+                "Connection": "X-Hop",
+                "X-Hop": "1",
+                "Keep-Alive": "timeout=1",
+            },
+        )
         assert r.status == 200 and r.body == b"u0"
         assert r.header(b"via") == b"1.1 piuptime"
         seen = ups[0].seen[-1]
@@ -116,8 +123,9 @@ async def test_bodies_content_length_and_chunked(ups: list[Upstream]) -> None:
         assert r.status == 200 and r.body == body
         assert r.header(b"transfer-encoding") == b"chunked"
         chunked = b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
-        await c.send(b"POST /api/echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
-                     + chunked)
+        await c.send(
+            b"POST /api/echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked
+        )
         r = await c.read_response()
         assert r.status == 200 and r.body == b"hello world"
         assert ups[0].seen[-1].body == b"hello world"
@@ -202,8 +210,10 @@ async def test_slow_upstream_does_not_stall_other_connections(ups: list[Upstream
         await w.drain()
 
     ups[0].handler = slow
-    text = gateway_yaml({"main": [ups[0].port], "fast": [ups[1].port]},
-                        ROUTES + "  - name: fast\n    match: {path: /fast}\n    upstream: fast\n")
+    text = gateway_yaml(
+        {"main": [ups[0].port], "fast": [ups[1].port]},
+        ROUTES + "  - name: fast\n    match: {path: /fast}\n    upstream: fast\n",
+    )
     app, port = await start_app(text)
     try:
         slow_task = asyncio.ensure_future(fetch(port, "/api/slow"))
@@ -258,8 +268,9 @@ async def test_expect_100_continue_through_the_gateway(ups: list[Upstream]) -> N
     app, port = await start_app(gateway_yaml({"main": [ups[0].port]}, ROUTES))
     try:
         c = await RawClient.connect(port)
-        await c.send(b"POST /api/up HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n"
-                     b"Expect: 100-continue\r\n\r\n")
+        await c.send(
+            b"POST /api/up HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"
+        )
         interim = await asyncio.wait_for(c.reader.readuntil(b"\r\n\r\n"), 5)
         assert interim.startswith(b"HTTP/1.1 100")
         await c.send(b"hello")
@@ -280,8 +291,9 @@ async def test_http10_and_pipelining_through_the_gateway(ups: list[Upstream]) ->
         assert r.status == 200
         assert await c.is_closed_by_peer()
         c = await RawClient.connect(port)
-        await c.send(b"".join(f"GET /api/{i} HTTP/1.1\r\nHost: t\r\n\r\n".encode()
-                              for i in range(6)))
+        await c.send(
+            b"".join(f"GET /api/{i} HTTP/1.1\r\nHost: t\r\n\r\n".encode() for i in range(6))
+        )
         order = [(await c.read_response()).body for _ in range(6)]
         assert order == [b"u1", b"u2", b"u0", b"u1", b"u2", b"u0"]
         paths = [s.path for u in ups for s in u.seen]

@@ -148,7 +148,7 @@ class Load:
                     else:
                         self.failed.append(f"status {r.status}: {r.body[:200]!r}")
                 await c.close()
-            except Exception as exc:  # noqa: BLE001 - every failure is recorded
+            except Exception as exc:
                 self.failed.append(repr(exc))
 
     async def stop(self) -> None:
@@ -164,17 +164,24 @@ async def test_100_reloads_under_load_zero_failed_requests(
 
     def config(i: int) -> str:
         # Every reload changes something: weights, an extra route, the other upstream.
-        text = gateway_yaml({"main": [ups[0].port, ups[1].port], "side": [ups[1].port]},
-                            ROUTES + f"  - name: extra\n    match: {{path: /extra-{i}}}\n"
-                            "    upstream: side\n")
-        return text.replace(f'{{url: "http://127.0.0.1:{ups[1].port}"}}',
-                            f'{{url: "http://127.0.0.1:{ups[1].port}", weight: {1 + i % 3}}}', 1)
+        text = gateway_yaml(
+            {"main": [ups[0].port, ups[1].port], "side": [ups[1].port]},
+            ROUTES + f"  - name: extra\n    match: {{path: /extra-{i}}}\n    upstream: side\n",
+        )
+        return text.replace(
+            f'{{url: "http://127.0.0.1:{ups[1].port}"}}',
+            f'{{url: "http://127.0.0.1:{ups[1].port}", weight: {1 + i % 3}}}',
+            1,
+        )
 
     cfg.write_text(config(0).replace('"127.0.0.1:0"', '"127.0.0.1:0"'))
     notify = NotifySocket(tmp_path / "notify.sock")
     env = python_env() | {"NOTIFY_SOCKET": notify.path}
-    with process(piuptime_cmd("run", "-c", str(cfg), "--watch-interval", "0"), env=env,
-                 stderr=subprocess.PIPE) as proc:
+    with process(
+        piuptime_cmd("run", "-c", str(cfg), "--watch-interval", "0"),
+        env=env,
+        stderr=subprocess.PIPE,
+    ) as proc:
         await asyncio.to_thread(notify.wait, "READY=1")
         port = _port_from_status(notify)
         load = Load(port)

@@ -2,7 +2,9 @@
 
 Endpoints: ``/`` and ``/sensors/...`` (a JSON reading from this device), ``/healthz``,
 ``POST /echo`` (echoes the body), ``/stream`` (a chunked response in several writes),
-``/slow?ms=N`` (answers after N ms). Run: ``python -m piuptime.demo.device --name pi-1 --port 9001``.
+``/slow?ms=N`` (answers after N ms).
+
+Run: ``python -m piuptime.demo.device --name pi-1 --port 9001``.
 """
 
 from __future__ import annotations

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import socket
 import subprocess
@@ -86,8 +85,15 @@ def main(port: int = 8080, device_port: int = 9001) -> int:
         for name, p in zip(DEVICES, ports, strict=True):
             procs.append(
                 subprocess.Popen(
-                    [sys.executable, "-m", "piuptime.demo.device", "--name", name,
-                     "--port", str(p)],
+                    [
+                        sys.executable,
+                        "-m",
+                        "piuptime.demo.device",
+                        "--name",
+                        name,
+                        "--port",
+                        str(p),
+                    ],
                     stdout=subprocess.DEVNULL,
                 )
             )

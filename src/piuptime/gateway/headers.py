@@ -55,8 +55,8 @@ def upstream_request_headers(
     """The header list sent upstream for one request.
 
     ``X-Forwarded-For`` gets the client address appended to whatever the client sent (nginx's
-    ``$proxy_add_x_forwarded_for``); ``X-Forwarded-Proto``/``-Host`` are set by us, since the gateway
-    is the edge that saw the scheme and host; ``Via`` gets our hop appended.
+    ``$proxy_add_x_forwarded_for``); ``X-Forwarded-Proto``/``-Host`` are set by us, since the
+    gateway is the edge that saw the scheme and host; ``Via`` gets our hop appended.
     """
     out: Headers = []
     named: set[bytes] | None = None
@@ -65,7 +65,9 @@ def upstream_request_headers(
     for name, value in headers:
         if name in HOP_BY_HOP or name.startswith(b"proxy-"):
             if name == b"connection":
-                named = connection_tokens(value) if named is None else named | connection_tokens(value)
+                named = (
+                    connection_tokens(value) if named is None else named | connection_tokens(value)
+                )
             continue
         if name in _SET_UPSTREAM:
             continue
@@ -100,7 +102,9 @@ def downstream_response_headers(headers: Headers, *, via: bytes, keep_length: bo
     for name, value in headers:
         if name in HOP_BY_HOP or name.startswith(b"proxy-"):
             if name == b"connection":
-                named = connection_tokens(value) if named is None else named | connection_tokens(value)
+                named = (
+                    connection_tokens(value) if named is None else named | connection_tokens(value)
+                )
             continue
         if name in _SET_DOWNSTREAM:
             if name == b"content-length":

@@ -99,7 +99,9 @@ class ProxyHandler:
             up = await target.pool.request(req.method, path, headers, body, req.content_length)
             upstream_time = self._loop_time() - t0
         except BodyTooLarge:
-            resp.send_error(413, "body_too_large", f"request body exceeds {req.max_body_bytes} bytes")
+            resp.send_error(
+                413, "body_too_large", f"request body exceeds {req.max_body_bytes} bytes"
+            )
             self._log(req, resp, route, target, 0, 0.0)
             return
         except BodyTimeout:
@@ -246,4 +248,3 @@ def _upstream_error_status(exc: UpstreamError) -> tuple[int, str]:
     if isinstance(exc, ConnectError):
         return 502, "upstream_unreachable"
     return 502, "bad_gateway"
-

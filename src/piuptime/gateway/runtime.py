@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from piuptime.gateway.balancer import Balancer
-from piuptime.gateway.router import Match, RouteSpec, Router
+from piuptime.gateway.router import Match, Router, RouteSpec
 from piuptime.http1.client import Pool, PoolOptions
 
 if TYPE_CHECKING:
