@@ -366,6 +366,6 @@ async def test_too_many_trailer_fields_are_refused() -> None:
         client = await sut.connect()
         await client.send(post(b"Transfer-Encoding: chunked\r\n", body) + SMUGGLED)
         resp = await client.response()
-        assert resp.status == 400  # the handler's read fails; the server answers
+        assert resp.status == 431  # the handler's read fails; the server answers
         assert await client.closed()
         assert b"/smuggled" not in sut.paths

@@ -233,8 +233,11 @@ class Request:
         ``BodyTooLarge``, ``BodyTimeout``, ``MalformedBody`` or ``ClientDisconnected``.
         """
         while True:
-            if self._error is not None:
-                raise type(self._error)(self._error.message)
+            error = self._error
+            if error is not None:
+                fresh = type(error)(error.message)  # a new instance: no traceback pile-up
+                fresh.status, fresh.code = error.status, error.code
+                raise fresh
             length = self.content_length
             if (length is not None and length > self.max_body_bytes) or (
                 self._received > self.max_body_bytes
@@ -1015,8 +1018,12 @@ class _Connection(asyncio.Protocol):
         req = self._body_req
         if req is not None:
             self._body_req = None
+            if status == 400:
+                code = MalformedBody.code
             if req is self._current:
-                req._fail(MalformedBody(message))
+                error = MalformedBody(message)
+                error.status, error.code = status, code
+                req._fail(error)
                 return
             if self._queue and self._queue[-1] is req:
                 self._queue.pop()
@@ -1400,7 +1407,7 @@ class Server:
         for conn in list(self._connections):
             conn._drain_now()
 
-    async def drain(self, timeout: float) -> bool:  # noqa: ASYNC109 (the contract)
+    async def drain(self, timeout: float) -> bool:
         """Wait up to ``timeout`` for every connection to finish its exchange; True if all did.
 
         A connection counts as finished once it is closing (a lingering close included)."""
