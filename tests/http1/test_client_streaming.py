@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+import pytest
+
 from tests.http1.client_helpers import HOST, Conn, Server, read_all, serve_ok
 
 
@@ -65,4 +67,29 @@ async def test_full_duplex_echo_does_not_deadlock() -> None:
         assert pool.idle == 1  # body fully sent and response fully read: reusable
         assert await read_all(await pool.request(b"GET", b"/", HOST)) == b"ok"
         assert server.accepts == 1
+        await pool.aclose()
+
+
+class SourceGone(Exception):
+    """Stands in for the downstream client disconnecting mid-upload."""
+
+
+async def test_body_source_error_passes_through_and_closes_the_connection() -> None:
+    seen_eof = asyncio.Event()
+
+    async def upload(conn: Conn) -> None:
+        await conn.reader.readuntil(b"\r\n\r\n")
+        await conn.reader.read()  # until the client closes
+        seen_eof.set()
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b"partial"
+        raise SourceGone
+
+    async with Server(upload) as server:
+        pool = server.pool()
+        with pytest.raises(SourceGone):
+            await pool.request(b"POST", b"/", HOST, body=body())
+        assert (pool.in_use, pool.idle) == (0, 0)
+        await asyncio.wait_for(seen_eof.wait(), 5)
         await pool.aclose()
