@@ -1004,8 +1004,14 @@ class _Connection(asyncio.Protocol):
         if reject is None:
             if self._mode != _M_HTTP:
                 return  # parsing was stopped on purpose (data after the last request)
-            # the failing request starts the read when no request completed before it in it
-            reject = _parser_error_status(exc, data if self._completed == 0 else b"")
+            if isinstance(exc, httptools.HttpParserCallbackError) and not isinstance(
+                exc.__context__, _Abort
+            ):  # a bug in a callback, not the client's fault: say so
+                log.error("HTTP parser callback failed", exc_info=exc.__context__)
+                reject = (500, "internal_error", "internal server error")
+            else:
+                # the failing request starts the read when no request completed before it in it
+                reject = _parser_error_status(exc, data if self._completed == 0 else b"")
         self._stop_parsing()
         self._fail_request(*reject)
 
