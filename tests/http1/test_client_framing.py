@@ -373,3 +373,19 @@ async def test_large_streamed_body_waits_for_drain() -> None:
         assert received == total
         assert ahead < 4 * 1024 * 1024, ahead
         await pool.aclose()
+
+
+async def test_oversized_response_head_is_rejected() -> None:
+    async def endless_headers(conn: Conn) -> None:
+        await conn.read_request()
+        conn.write(b"HTTP/1.1 200 OK\r\n")
+        for i in range(100_000):
+            conn.write(b"x-filler-%d: %s\r\n" % (i, b"v" * 100))
+            await conn.writer.drain()
+
+    async with Server(endless_headers) as server:
+        pool = server.pool()
+        with pytest.raises(RemoteProtocolError, match="head larger"):
+            await pool.request(b"GET", b"/", HOST)
+        assert pool.in_use == 0
+        await pool.aclose()

@@ -43,6 +43,8 @@ __all__ = [
 
 # Unread body bytes above which the socket stops being read (resumed once the caller reads).
 _HIGH_WATER = 64 * 1024
+# Largest response head (status line, headers, interim responses) accepted from an upstream.
+_MAX_HEAD = 64 * 1024
 # A bytes request body up to this size is joined with the head into a single write.
 _INLINE_BODY = 64 * 1024
 _BODY_METHODS = frozenset((b"POST", b"PUT", b"PATCH"))
@@ -332,6 +334,7 @@ class _Connection(asyncio.Protocol):
         "_drain_waiter",
         "_error",
         "_got_any",
+        "_head_size",
         "_head_waiter",
         "_headers",
         "_idle_since",
@@ -388,6 +391,7 @@ class _Connection(asyncio.Protocol):
         self._timeout = pool._options.read_timeout
         # the response head being parsed
         self._interim = False
+        self._head_size = 0
         self._reason = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._content_length: bytes | None = None
@@ -418,6 +422,16 @@ class _Connection(asyncio.Protocol):
             self._switch_to_tunnel(data[exc.args[0] :])
         except httptools.HttpParserError as exc:
             self._close(self._protocol_error(exc))
+        else:
+            if self._resp is None:  # everything so far is head: keep it bounded
+                self._head_size += len(data)
+                if self._head_size > _MAX_HEAD:
+                    message = f"response head larger than {_MAX_HEAD} bytes"
+                    self._close(
+                        RemoteProtocolError(
+                            message, request_sent=self._sent_any, response_started=True
+                        )
+                    )
 
     def eof_received(self) -> bool | None:
         self._on_lost(None)
@@ -539,6 +553,7 @@ class _Connection(asyncio.Protocol):
         self._body_sent = False
         self._got_any = False
         self._error = None
+        self._head_size = 0
         if self._closed or self._transport is None:
             error = WriteError("upstream closed the connection before the request was sent")
             error._retry_safe = True
