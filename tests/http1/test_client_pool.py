@@ -269,3 +269,22 @@ def test_pool_can_be_built_outside_a_running_loop() -> None:
     assert (pool.in_use, pool.idle, pool.opened_total) == (0, 0, 0)
     with pytest.raises(ValueError):
         Pool("ftp", "127.0.0.1", 21, pool._options)
+
+
+async def test_release_from_another_task_wakes_a_blocked_reader() -> None:
+    async def stalls(conn: Conn) -> None:
+        await conn.read_request()
+        conn.write(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc")
+        await conn.read_request()
+
+    async with Server(stalls) as server:
+        pool = server.pool()
+        resp = await pool.request(b"GET", b"/", HOST)
+        assert await resp.read() == b"abc"
+        reader = asyncio.ensure_future(resp.read())
+        await asyncio.sleep(0)
+        resp.release()
+        with pytest.raises(RuntimeError):
+            await asyncio.wait_for(reader, 5)
+        assert pool.in_use == 0
+        await pool.aclose()

@@ -809,10 +809,11 @@ class _Connection(asyncio.Protocol):
         self._closed = True
         if error is not None:
             self._error = error
-            resp = self._resp
-            if resp is not None and not resp._done:
+        resp = self._resp
+        if resp is not None and not resp._done:
+            if error is not None:
                 resp._error = error
-                resp._wake()
+            resp._wake()  # a reader blocked in another task must not hang
         self._wake_sender()
         if self._timer is not None:
             self._timer.cancel()
