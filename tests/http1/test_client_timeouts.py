@@ -75,10 +75,13 @@ async def test_connection_refused(closed_port: int) -> None:
     await pool.aclose()
 
 
-async def test_unresolvable_host_is_a_connect_error() -> None:
-    pool = Pool("http", "no-such-host.invalid", 80, PoolOptions(connect_timeout=5))
-    with pytest.raises(ConnectError):
+async def test_unresolvable_host_is_a_connect_failure() -> None:
+    """NXDOMAIN is a ConnectError; where no resolver answers, the lookup times out instead."""
+    pool = Pool("http", "no-such-host.invalid", 80, PoolOptions(connect_timeout=1))
+    with pytest.raises((ConnectError, ConnectTimeout)) as info:
         await get(pool)
+    assert not info.value.request_sent
+    assert pool.in_use == 0
     await pool.aclose()
 
 
