@@ -37,8 +37,17 @@ _SET_DOWNSTREAM = frozenset({b"content-length", b"date"})
 Headers = list[tuple[bytes, bytes]]
 
 
-def connection_tokens(value: bytes) -> set[bytes]:
-    """Lower-cased header names listed in a Connection header value."""
+_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b"Keep-Alive", b"Close", b"upgrade"})
+_NOTHING: frozenset[bytes] = frozenset()
+
+
+def connection_tokens(value: bytes) -> frozenset[bytes] | set[bytes]:
+    """Lower-cased header names listed in a Connection header value.
+
+    The usual values (``keep-alive``, ``close``) name no other header: answered without parsing.
+    """
+    if value in _PLAIN_CONNECTION:
+        return _NOTHING
     return {t.strip().lower() for t in value.split(b",") if t.strip()}
 
 
@@ -59,7 +68,7 @@ def upstream_request_headers(
     gateway is the edge that saw the scheme and host; ``Via`` gets our hop appended.
     """
     out: Headers = []
-    named: set[bytes] | None = None
+    named: frozenset[bytes] | set[bytes] | None = None
     xff = b""
     prior_via = b""
     for name, value in headers:
@@ -96,7 +105,7 @@ def downstream_response_headers(headers: Headers, *, via: bytes, keep_length: bo
     """Upstream response headers cleaned for the client; ``content-length`` kept when the body
     is passed through unchanged (``keep_length``), so the client sees the same framing length."""
     out: Headers = []
-    named: set[bytes] | None = None
+    named: frozenset[bytes] | set[bytes] | None = None
     prior_via = b""
     length = b""
     for name, value in headers:

@@ -94,7 +94,7 @@ class ProxyHandler:
         path = route.upstream_path(req.path, req.query, match)
         upstream_time = 0.0
         try:
-            body = await _request_body(req)
+            body = await _request_body(req) if req.has_body else None
             t0 = self._loop_time()
             up = await target.pool.request(req.method, path, headers, body, req.content_length)
             upstream_time = self._loop_time() - t0
@@ -132,6 +132,10 @@ class ProxyHandler:
         )
         waited = 0.0
         if not no_body:
+            if up.content_length is None:
+                # A stream (chunked or close-delimited, e.g. server-sent events): the client
+                # gets the head now rather than with the first chunk, which may be far off.
+                await resp.drain()
             now = self._loop_time
             while True:
                 t0 = now()
