@@ -32,9 +32,9 @@ __all__ = ["Match", "RouteSpec", "Router"]
 _EMPTY_PARAMS: dict[str, str] = {}
 
 # Path-specificity classes of one pattern position (bigger is more specific).
-_LITERAL = 0
+_LITERAL = 2
 _PARAM = 1
-_PREFIX_END = 2
+_PREFIX_END = 0
 
 
 @dataclass(frozen=True, slots=True)
