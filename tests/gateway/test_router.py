@@ -720,3 +720,24 @@ def test_property_matches_naive_oracle(data: st.DataObject, specs: list[RouteSpe
         assert got.spec is specs[index], (method, host, path, headers, got)
         assert got.params == params
         assert got.prefix_len == prefix_len
+
+
+def test_docs_routing_example() -> None:
+    """The worked example in docs/routing.md ("Which route wins")."""
+    router = Router(
+        [
+            R("r1", "/api/"),
+            R("r2", "/api/v1/users"),
+            R("r3", "/api/v1/{thing}"),
+            R("r4", "/api/v1/users", hosts=("admin.example.com",)),
+            R("r5", "/api/", priority=10, hosts=("*.canary.example.com",)),
+            R("r6", "/api/v1/users", methods=GET),
+        ]
+    )
+    assert route_name(router, Req(b"/api/v1/users")) == "r6"
+    assert route_name(router, Req(b"/api/v1/users", method=b"POST")) == "r2"
+    assert route_name(router, Req(b"/api/v1/users", host=b"admin.example.com")) == "r4"
+    assert route_name(router, Req(b"/api/v1/orders")) == "r3"
+    assert route_name(router, Req(b"/api/v2/x")) == "r1"
+    assert route_name(router, Req(b"/api")) == "r1"
+    assert route_name(router, Req(b"/api/v1/users", host=b"x.canary.example.com")) == "r5"
