@@ -108,12 +108,7 @@ class App:
         self.notifier.start_watchdog(loop)
         if self.config_path is not None and self.watch_interval > 0:
             self._watch_task = loop.create_task(self._watch())
-        log.info(
-            "piuptime ready on %s (%d routes, %d upstreams)",
-            ", ".join(self.addresses()),
-            len(self.config.routes),
-            len(self.config.upstreams),
-        )
+        log.info("piuptime ready on %s (%s)", ", ".join(self.addresses()), _summary(self.config))
 
     def addresses(self) -> list[str]:
         out = []
@@ -192,12 +187,7 @@ class App:
             asyncio.get_running_loop().create_task(upstream.aclose())
         self.reloads.succeeded += 1
         self.reloads.last_success = time.time()
-        log.info(
-            "configuration reloaded (%s): %d routes, %d upstreams",
-            reason,
-            len(config.routes),
-            len(config.upstreams),
-        )
+        log.info("configuration reloaded (%s): %s", reason, _summary(config))
         return True
 
     def _reload_failed(self, reason: str, message: str) -> None:
@@ -260,6 +250,13 @@ class App:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
                 loop.remove_signal_handler(sig)
             await self.stop()
+
+
+def _summary(config: Config) -> str:
+    def n(count: int, word: str) -> str:
+        return f"{count} {word}{'' if count == 1 else 's'}"
+
+    return f"{n(len(config.routes), 'route')}, {n(len(config.upstreams), 'upstream')}"
 
 
 def _file_signature(path: Path | None) -> tuple[int, int, int] | None:

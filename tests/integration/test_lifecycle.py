@@ -163,3 +163,49 @@ async def test_missing_config_file_says_what_to_do(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert "piuptime demo" in proc.stderr.decode()
+
+
+async def test_watchdog_is_fed_by_the_running_process(tmp_path: Path) -> None:
+    cfg = tmp_path / "piuptime.yaml"
+    cfg.write_text(
+        gateway_yaml(
+            {"main": [free_port()]}, "  - name: a\n    match: {path: /}\n    upstream: main\n"
+        )
+    )
+    notify = NotifySocket(tmp_path / "notify.sock")
+    env = python_env() | {"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "200000"}
+    with process(piuptime_cmd("run", "-c", str(cfg)), env=env, stderr=subprocess.DEVNULL) as proc:
+        ready = await asyncio.to_thread(notify.wait, "READY=1")
+        fifth = await asyncio.to_thread(notify.wait, "WATCHDOG=1", 5)
+        assert fifth - ready < 2.0  # every 100 ms
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, 10) == 0
+    notify.close()
+
+
+def test_systemd_unit_verifies() -> None:
+    """`systemd-analyze verify` accepts the shipped unit (ExecStart pointed at a real binary)."""
+    import shutil
+
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze not installed")
+    unit = (ROOT / "deploy" / "systemd" / "piuptime.service").read_text()
+    for key in (
+        "Type=notify",
+        "WatchdogSec=",
+        "Restart=always",
+        "ProtectSystem=strict",
+        "NoNewPrivileges=yes",
+        "StateDirectory=piuptime",
+        "ExecReload=",
+    ):
+        assert key in unit
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "piuptime.service"
+        path.write_text(unit.replace("/usr/local/bin/piuptime", "/bin/true"))
+        res = subprocess.run(
+            ["systemd-analyze", "verify", str(path)], capture_output=True, text=True, timeout=60
+        )
+        assert res.returncode == 0, res.stderr
