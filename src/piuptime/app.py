@@ -89,6 +89,7 @@ class App:
         self._reload_lock = asyncio.Lock()
         self._watch_task: asyncio.Task[None] | None = None
         self._file_sig = _file_signature(config_path)
+        self._tls: list[ssl.SSLContext | None] = []
 
     # -- start -------------------------------------------------------------------------------
 
@@ -99,11 +100,11 @@ class App:
         self.handler = ProxyHandler(self.runtime, self.access_log)
         limits = server_limits(self.config)
         for listener in self.config.gateway.listen:
-            server = Server(
-                self.handler.handle, limits, ssl=tls_context(listener), on_error=self._on_error
-            )
+            ctx = tls_context(listener)
+            server = Server(self.handler.handle, limits, ssl=ctx, on_error=self._on_error)
             await server.listen(listener.host, listener.port)
             self.servers.append(server)
+            self._tls.append(ctx)
         self.notifier.ready(f"serving on {', '.join(self.addresses())}")
         self.notifier.start_watchdog(loop)
         if self.config_path is not None and self.watch_interval > 0:
@@ -172,8 +173,17 @@ class App:
         except (OSError, ValueError) as exc:
             self._reload_failed(reason, f"{self.config_path}: {exc}")
             return False
-        if [str(x) for x in config.gateway.listen] != [str(x) for x in self.config.gateway.listen]:
+        same_listeners = [str(x) for x in config.gateway.listen] == [
+            str(x) for x in self.config.gateway.listen
+        ]
+        if not same_listeners:
             log.warning("gateway.listen changed; restart the process to apply new listeners")
+        else:
+            try:
+                self._rotate_certificates(config.gateway.listen)
+            except (OSError, ssl.SSLError) as exc:
+                self._reload_failed(reason, f"{self.config_path}: TLS certificate: {exc}")
+                return False
         old = self.runtime
         self.handler.runtime = new_runtime  # the swap: one assignment
         self.runtime = new_runtime
@@ -189,6 +199,20 @@ class App:
         self.reloads.last_success = time.time()
         log.info("configuration reloaded (%s): %s", reason, _summary(config))
         return True
+
+    def _rotate_certificates(self, listeners: list[Listener]) -> None:
+        """Re-read each TLS listener's cert and key (renewed certificates apply without a
+        restart). Each pair is loaded into a throwaway context first, so a bad file fails the
+        reload before the live context is touched; new handshakes then use the new pair."""
+        pairs = []
+        for ctx, listener in zip(self._tls, listeners, strict=False):
+            if ctx is None or listener.tls is None:
+                continue
+            check = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            check.load_cert_chain(listener.tls.cert, listener.tls.key)
+            pairs.append((ctx, listener.tls.cert, listener.tls.key))
+        for ctx, cert, key in pairs:
+            ctx.load_cert_chain(cert, key)
 
     def _reload_failed(self, reason: str, message: str) -> None:
         self.reloads.failed += 1

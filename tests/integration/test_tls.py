@@ -123,3 +123,32 @@ async def test_plain_http_to_a_tls_listener_is_refused(
         await c.close()
     finally:
         await app.stop()
+
+
+async def test_reload_rotates_the_listener_certificate(
+    tmp_path: Path, ca: trustme.CA, tls_upstream: int
+) -> None:
+    """A renewed certificate on disk is served after a reload, without a restart; a broken
+    one fails the reload and the old certificate stays in use."""
+    text = _config(tmp_path, ca, tls_upstream, "    tls: {verify: false}")
+    app, port = await start_app(text, tmp_path, watch_interval=0)
+    try:
+        old_ca = ca
+        new_ca = trustme.CA()
+        cert = new_ca.issue_cert("localhost")
+        cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "gw.pem"))
+        cert.private_key_pem.write_to_path(str(tmp_path / "gw.key"))
+        assert await app.reload("test")
+        c = await RawClient.connect(port, ssl=_client_ctx(new_ca))
+        assert (await c.request("GET", "/x")).status == 200
+        await c.close()
+        with pytest.raises(ssl.SSLError):
+            await RawClient.connect(port, ssl=_client_ctx(old_ca))
+        (tmp_path / "gw.key").write_text("not a key\n")
+        assert not await app.reload("test")
+        assert "TLS certificate" in (app.reloads.last_error or "")
+        c = await RawClient.connect(port, ssl=_client_ctx(new_ca))
+        assert (await c.request("GET", "/y")).status == 200
+        await c.close()
+    finally:
+        await app.stop()
