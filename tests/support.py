@@ -70,18 +70,45 @@ class _Collect:
         self.body: list[bytes] = []
         self.done = False
         self.head_done = False
+        self.more = False  # a next (pipelined) response began in the same bytes
+
+    def on_message_begin(self) -> None:
+        if self.done:
+            self.more = True
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name.lower(), value))
+        if not self.done:
+            self.headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
         self.head_done = True
 
     def on_body(self, body: bytes) -> None:
-        self.body.append(body)
+        if not self.done:
+            self.body.append(body)
 
     def on_message_complete(self) -> None:
         self.done = True
+
+
+def _first_message_end(raw: bytes) -> int:
+    """Length of the first complete response in ``raw`` (the shortest prefix that parses
+    to a complete message; completeness only grows with the prefix, so bisect)."""
+
+    def complete(n: int) -> bool:
+        c = _Collect()
+        with contextlib.suppress(httptools.HttpParserError):
+            httptools.HttpResponseParser(c).feed_data(raw[:n])
+        return c.done
+
+    lo, hi = 0, len(raw)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if complete(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
 
 
 class RawClient:
@@ -109,6 +136,7 @@ class RawClient:
         p = httptools.HttpResponseParser(c)
         buf = self._leftover if hasattr(self, "_leftover") else b""
         self._leftover = b""
+        self._raw = [buf]
         if buf:
             self._feed(p, c, buf, head_only)
         while not c.done and not (head_only and c.head_done):
@@ -126,12 +154,19 @@ class RawClient:
     def _feed(
         self, p: httptools.HttpResponseParser, c: _Collect, data: bytes, head_only: bool
     ) -> None:
+        if data is not self._raw[0]:
+            self._raw.append(data)
         try:
             p.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
             offset = exc.args[0] if exc.args else len(data)
             self._leftover = data[offset:]
             c.done = True
+        if c.more:
+            # Pipelined responses arrived in one read: keep what follows this one.
+            raw = b"".join(self._raw)
+            end = _first_message_end(raw)
+            self._leftover = raw[end:]
         if head_only and c.head_done:
             # Everything after the head belongs to the next response.
             idx = data.find(b"\r\n\r\n")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from piuptime.gateway.headers import (
@@ -21,6 +21,7 @@ from piuptime.gateway.runtime import CompiledRoute, Runtime, Target
 from piuptime.http1.client import (
     ConnectError,
     ConnectTimeout,
+    PendingExchange,
     PoolTimeout,
     ReadTimeout,
     Response,
@@ -61,7 +62,10 @@ class ProxyHandler:
         self.ids = RequestIds()
         self._loop_time: Callable[[], float] = asyncio.get_running_loop().time
 
-    async def handle(self, req: Request, resp: Responder) -> None:
+    def handle(self, req: Request, resp: Responder) -> Awaitable[None] | None:
+        """Route ``req`` and forward it. A bodyless request with an idle pooled connection to
+        its target is completed through callbacks (``_Exchange``), without a task; everything
+        else returns the ``_forward`` coroutine for the server to run."""
         rt = self.runtime
         match = rt.router.match(req.method, req.host, req.path, req.headers)
         if match is None:
@@ -71,7 +75,8 @@ class ProxyHandler:
                 f"no route matches {req.method.decode('latin-1')} {req.path.decode('latin-1')}",
             )
             self._log(req, resp, None, None, 0, 0.0)
-            return
+            resp.finish()
+            return None
         route: CompiledRoute = match.spec.payload  # type: ignore[assignment]
         if route.max_body_bytes is not None:
             req.max_body_bytes = route.max_body_bytes
@@ -80,7 +85,8 @@ class ProxyHandler:
         if idx is None:
             resp.send_error(503, "no_target", f"upstream {upstream.name} has no usable target")
             self._log(req, resp, route, None, 0, 0.0)
-            return
+            resp.finish()
+            return None
         target = upstream.targets[idx]
         headers = upstream_request_headers(
             req.headers,
@@ -92,11 +98,35 @@ class ProxyHandler:
             upgrade=req.upgrade,
         )
         path = route.upstream_path(req.path, req.query, match)
+        if not req.has_body and req.upgrade is None:
+            ex = _Exchange(self, req, resp, route, target, rt.via)
+            conn = target.pool.send_nowait(req.method, path, headers, ex.ready)
+            if conn is not None:
+                ex.conn = conn
+                return None
+        return self._forward(req, resp, route, target, rt.via, path, headers)
+
+    async def _forward(
+        self,
+        req: Request,
+        resp: Responder,
+        route: CompiledRoute,
+        target: Target,
+        via: bytes,
+        path: bytes,
+        headers: list[tuple[bytes, bytes]],
+        pending: PendingExchange | None = None,
+        t0: float = 0.0,
+    ) -> None:
+        """The general path: read the body, send, relay the answer (or an error) back."""
         upstream_time = 0.0
         try:
-            body = await _request_body(req) if req.has_body else None
-            t0 = self._loop_time()
-            up = await target.pool.request(req.method, path, headers, body, req.content_length)
+            if pending is not None:
+                up = await pending.wait_response()
+            else:
+                body = await _request_body(req) if req.has_body else None
+                t0 = self._loop_time()
+                up = await target.pool.request(req.method, path, headers, body, req.content_length)
             upstream_time = self._loop_time() - t0
         except BodyTooLarge:
             resp.send_error(
@@ -110,16 +140,27 @@ class ProxyHandler:
             return
         except UpstreamError as exc:
             status, code = _upstream_error_status(exc)
-            resp.send_error(status, code, f"upstream {upstream.name} ({target.label}): {exc}")
+            resp.send_error(status, code, f"upstream {route.upstream.name} ({target.label}): {exc}")
             self._log(req, resp, route, target, 1, self._loop_time() - req.start_time)
             return
         try:
             if up.status == 101 and req.upgrade is not None:
-                await self._tunnel(req, resp, up, rt.via)
+                await self._tunnel(req, resp, up, via)
             else:
-                upstream_time += await self._relay(req, resp, up, rt.via)
+                upstream_time += await self._relay(req, resp, up, via)
         finally:
             up.release()
+        self._log(req, resp, route, target, 1, upstream_time)
+
+    async def _drained_then_log(
+        self,
+        req: Request,
+        resp: Responder,
+        route: CompiledRoute,
+        target: Target,
+        upstream_time: float,
+    ) -> None:
+        await resp.drain()
         self._log(req, resp, route, target, 1, upstream_time)
 
     async def _relay(self, req: Request, resp: Responder, up: Response, via: bytes) -> float:
@@ -209,6 +250,73 @@ class ProxyHandler:
                 "gateway_ms": round((total - upstream_time) * 1000, 3),
             }
         )
+
+
+class _Exchange:
+    """A bodyless request forwarded through callbacks: when the upstream answer arrived whole
+    and small it is written to the client at once; anything else continues in ``_forward``."""
+
+    __slots__ = ("conn", "handler", "req", "resp", "route", "t0", "target", "via")
+
+    def __init__(
+        self,
+        handler: ProxyHandler,
+        req: Request,
+        resp: Responder,
+        route: CompiledRoute,
+        target: Target,
+        via: bytes,
+    ) -> None:
+        self.handler = handler
+        self.req = req
+        self.resp = resp
+        self.route = route
+        self.target = target
+        self.via = via
+        self.conn: PendingExchange | None = None
+        self.t0 = handler._loop_time()
+
+    def ready(self) -> None:
+        """Called by the client once the upstream answer is complete, or will not be soon."""
+        resp = self.resp
+        up = None
+        try:
+            conn = self.conn
+            assert conn is not None
+            up = conn.complete_response()
+            handler = self.handler
+            if up is None:
+                resp.continue_with(
+                    handler._forward(
+                        self.req, resp, self.route, self.target, self.via, b"", [], conn, self.t0
+                    )
+                )
+                return
+            upstream_time = handler._loop_time() - self.t0
+            req = self.req
+            status = up.status
+            resp.start(
+                status,
+                downstream_response_headers(up.headers, via=self.via, keep_length=not up.chunked),
+                up.reason,
+            )
+            if req.method == b"HEAD" or status in _NO_BODY_STATUS or status < 200:
+                resp.end()
+            else:
+                resp.end(conn.buffered_body())
+            up.release()
+            if resp.write_paused:
+                resp.continue_with(
+                    handler._drained_then_log(req, resp, self.route, self.target, upstream_time)
+                )
+                return
+            handler._log(req, resp, self.route, self.target, 1, upstream_time)
+        except Exception as exc:
+            if up is not None:
+                up.release()
+            resp.finish(exc)
+            return
+        resp.finish()
 
 
 def _request_id(req: Request) -> str | None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import cast
 
@@ -30,6 +30,7 @@ import httptools
 __all__ = [
     "ConnectError",
     "ConnectTimeout",
+    "PendingExchange",
     "Pool",
     "PoolOptions",
     "PoolTimeout",
@@ -333,6 +334,7 @@ class _Connection(asyncio.Protocol):
         "_content_length",
         "_drain_waiter",
         "_error",
+        "_fire",
         "_got_any",
         "_head_size",
         "_head_waiter",
@@ -342,11 +344,13 @@ class _Connection(asyncio.Protocol):
         "_is_head",
         "_last",
         "_loop",
+        "_notify",
         "_parser",
         "_parser_dirty",
         "_pool",
         "_read_paused",
         "_reason",
+        "_req_head",
         "_resp",
         "_sender",
         "_sent_any",
@@ -383,6 +387,10 @@ class _Connection(asyncio.Protocol):
         self._drain_waiter: asyncio.Future[None] | None = None
         self._sender: asyncio.Task[None] | None = None
         self._tunnel: Tunnel | None = None
+        # a request sent by Pool.send_nowait: who to call, and its head (for the safe retry)
+        self._notify: Callable[[], None] | None = None
+        self._fire = False
+        self._req_head = b""
         # flow control and the read timer
         self._read_paused = False
         self._write_paused = False
@@ -432,6 +440,12 @@ class _Connection(asyncio.Protocol):
                             message, request_sent=self._sent_any, response_started=True
                         )
                     )
+        if self._fire:
+            self._fire = False
+            notify = self._notify
+            if notify is not None:
+                self._notify = None
+                notify()
 
     def eof_received(self) -> bool | None:
         self._on_lost(None)
@@ -518,6 +532,10 @@ class _Connection(asyncio.Protocol):
             resp._until_eof = True
             resp.keep_alive = False
         self._resp = resp
+        if self._notify is not None and (
+            resp._done or resp.content_length is None or resp.content_length > _HIGH_WATER
+        ):
+            self._fire = True  # not a small body on its way: the caller takes over now
         self._wake_sender()
 
     def on_body(self, data: bytes) -> None:
@@ -537,6 +555,8 @@ class _Connection(asyncio.Protocol):
             resp._done = True
             resp._wake()
         self._complete = True
+        if self._notify is not None:
+            self._fire = True
 
     # ---- the exchange
 
@@ -547,6 +567,8 @@ class _Connection(asyncio.Protocol):
             self._parser_dirty = False
         self._uses += 1
         self._resp = None
+        self._notify = None
+        self._fire = False
         self._complete = False
         self._is_head = is_head
         self._sent_any = False
@@ -690,6 +712,43 @@ class _Connection(asyncio.Protocol):
         waiter = self._drain_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+        notify = self._notify
+        if notify is not None and self._closed:
+            self._notify = None
+            notify()
+
+    # ---- the callback-driven exchange (Pool.send_nowait)
+
+    def complete_response(self) -> Response | None:
+        """The response of a ``send_nowait`` request when it arrived whole (its body buffered,
+        the connection ready to be released), else None: then ``await wait_response()``."""
+        resp = self._resp
+        if (
+            resp is None
+            or not self._complete
+            or not resp._done
+            or resp._error is not None
+            or resp.status == 101
+            or self._tunnel is not None
+        ):
+            return None
+        return resp
+
+    def buffered_body(self) -> bytes:
+        """The whole body of a ``complete_response()`` (taken: a second call gives b"")."""
+        resp = self._resp
+        if resp is None or not resp._chunks:
+            return b""
+        return resp._take()
+
+    async def wait_response(self) -> Response:
+        """Finish a ``send_nowait`` exchange the usual way: wait for the head, with the same
+        errors and the same safe retry as ``Pool.request``."""
+        self._notify = None
+        self._fire = False
+        return await self._pool._exchange(
+            self, self._req_head, None, False, None, self._is_head, True, sent=True
+        )
 
     # ---- flow control and the read timer
 
@@ -858,6 +917,11 @@ class _Connection(asyncio.Protocol):
 
     def _detach(self) -> None:
         self._pool._detach(self)
+
+
+PendingExchange = _Connection
+"""What ``Pool.send_nowait`` returns: ``complete_response()``, ``buffered_body()`` and
+``await wait_response()`` are its public methods."""
 
 
 def _is_chunked(te: bytes) -> bool:
@@ -1033,13 +1097,65 @@ class Pool:
         conn = self._pop_idle() if self._idle else None
         if conn is None:
             conn = await self._acquire(fresh=False)
+        return await self._exchange(
+            conn, head, body, chunked, length, is_head, replayable, sent=False
+        )
+
+    def send_nowait(
+        self,
+        method: bytes,
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        on_ready: Callable[[], None],
+    ) -> _Connection | None:
+        """Send a bodyless request at once on an idle keep-alive connection, if there is one.
+
+        Returns None (nothing sent) when no idle connection is ready. Otherwise ``on_ready()``
+        is called once, from a protocol callback, when the whole response arrived with a small
+        (``content-length`` up to 64 KiB, or no) body, or earlier when it will not (a large,
+        chunked or close-delimited body, a 101) or the exchange failed. Then the caller takes
+        ``complete_response()`` (and ``buffered_body()``) from the returned connection when it is
+        not None, and releases it; otherwise it awaits ``wait_response()``, which gives what
+        ``request()`` would have given (the response, or the error, after the safe retry).
+        """
+        if not self._idle or self._closed:
+            return None
+        head, _, _ = _build_head(method, target, headers, None, None)
+        conn = self._pop_idle()
+        if conn is None:
+            return None
+        try:
+            conn.start(method == b"HEAD")
+        except UpstreamError:
+            self._retire(conn)
+            return None
+        conn._req_head = head
+        conn._notify = on_ready
+        conn.write_request(head, None, False)
+        return conn
+
+    async def _exchange(
+        self,
+        conn: _Connection,
+        head: bytes,
+        body: bytes | AsyncIterator[bytes] | None,
+        chunked: bool,
+        length: int | None,
+        is_head: bool,
+        replayable: bool,
+        *,
+        sent: bool,
+    ) -> Response:
+        """Send (unless ``sent``) and wait for the response head, with the one safe retry."""
         while True:  # at most twice: the safe retry
             try:
-                conn.start(is_head)
-                if body is None or isinstance(body, bytes):
-                    conn.write_request(head, body, chunked)
-                else:
-                    await conn.send_stream(head, body, chunked, length)
+                if not sent:
+                    conn.start(is_head)
+                    if body is None or isinstance(body, bytes):
+                        conn.write_request(head, body, chunked)
+                    else:
+                        await conn.send_stream(head, body, chunked, length)
+                sent = False
                 while (resp := conn._resp) is None:
                     if conn._closed:
                         raise conn.head_error()

@@ -480,6 +480,25 @@ class Responder:
         if not keep_alive:
             conn._close_after_response(req)
 
+    def finish(self, exc: Exception | None = None) -> None:
+        """For a handler that returned ``None``: it is done (``exc``: it failed), exactly as if
+        its coroutine had returned (or raised ``exc``)."""
+        if exc is None:
+            self._conn._handler_returned(self._req, self)
+        else:
+            self._conn._handler_done(self._req, self, exc)
+
+    def continue_with(self, work: Awaitable[None]) -> None:
+        """For a handler that returned ``None``: finish the request by awaiting ``work`` in a
+        task, exactly as if the handler had returned ``work``."""
+        conn = self._conn
+        conn._task = conn._loop.create_task(conn._run(self._req, self, work))
+
+    @property
+    def write_paused(self) -> bool:
+        """True while the client is not reading fast enough: ``await drain()`` before more."""
+        return self._conn._write_paused
+
     def send_error(self, status: int, code: str, message: str) -> None:
         """``send`` with ``error_body(status, code, message)`` as the JSON body."""
         self.send(status, error_body(status, code, message))
@@ -616,7 +635,7 @@ class _BodyOnly:
 # --- connection ----------------------------------------------------------------------------------
 
 
-Handler = Callable[[Request, Responder], Awaitable[None]]
+Handler = Callable[[Request, Responder], Awaitable[None] | None]
 OnError = Callable[[Request | None, int, str], None]
 
 
@@ -632,6 +651,7 @@ class _Connection(asyncio.Protocol):
         "_completed",
         "_current",
         "_deadline",
+        "_deferred",
         "_drain_waiter",
         "_draining",
         "_eof",
@@ -699,6 +719,7 @@ class _Connection(asyncio.Protocol):
         self._host_seen = False
         self._reframe: Request | None = None
         self._current: Request | None = None  # request whose handler runs
+        self._deferred: Request | None = None  # _current, its handler not called yet
         self._task: asyncio.Task[None] | None = None
         self._queue: deque[Request] = deque()
         self._pending: tuple[int, str, str, Request | None] | None = None
@@ -736,6 +757,11 @@ class _Connection(asyncio.Protocol):
         else:
             if self._head is not None:
                 self._head_incomplete(len(data))
+        req = self._deferred
+        if req is not None:
+            self._deferred = None
+            if self._current is req:
+                self._start(req)
 
     def eof_received(self) -> bool | None:
         self._eof = True
@@ -857,7 +883,10 @@ class _Connection(asyncio.Protocol):
         if self._reframe is not req:
             self._body_req = req  # completed by on_message_complete, body or not
         if self._current is None:
-            self._start(req)
+            # started once this read is parsed (see data_received): the handler may run
+            # synchronously, and must see the request complete when its body was in this read
+            self._current = req
+            self._deferred = req
         else:
             queue = self._queue
             queue.append(req)
@@ -1094,23 +1123,36 @@ class _Connection(asyncio.Protocol):
     # -- handler lifecycle ----------------------------------------------------------------------
 
     def _start(self, req: Request) -> None:
-        """Run the handler for ``req`` (the only one running on this connection)."""
+        """Run the handler for ``req`` (the only one running on this connection).
+
+        The handler is called here; an awaitable it returns runs as a task. ``None`` means it
+        carries on through callbacks and ends with ``Responder.finish`` or ``.continue_with``."""
         self._current = req
         resp = Responder(self, req)
         req._resp = resp
         server = self._server
         server.active_requests += 1
-        self._task = self._loop.create_task(self._run(req, resp, server.handler))
-
-    async def _run(self, req: Request, resp: Responder, handler: Handler) -> None:
         try:
-            await handler(req, resp)
+            work = server.handler(req, resp)
+        except Exception as exc:
+            self._handler_done(req, resp, exc)
+            return
+        if work is not None:
+            self._task = self._loop.create_task(self._run(req, resp, work))
+
+    async def _run(self, req: Request, resp: Responder, work: Awaitable[None]) -> None:
+        try:
+            await work
         except asyncio.CancelledError:
             self._handler_done(req, resp, ClientDisconnected("handler cancelled"))
             raise
         except Exception as exc:
             self._handler_done(req, resp, exc)
             return
+        self._handler_returned(req, resp)
+
+    def _handler_returned(self, req: Request, resp: Responder) -> None:
+        """The handler finished without raising."""
         if (
             resp.ended
             and req._complete
