@@ -233,6 +233,7 @@ class Upstream:
     server: asyncio.AbstractServer | None = None
     port: int = 0
     handler: Handler | None = None
+    writers: set[asyncio.StreamWriter] = field(default_factory=set)
 
     async def start(self) -> Upstream:
         self.server = await asyncio.start_server(self._conn, "127.0.0.1", 0)
@@ -241,6 +242,7 @@ class Upstream:
 
     async def _conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        self.writers.add(writer)
         try:
             while True:
                 req = await _read_request(reader)
@@ -263,9 +265,13 @@ class Upstream:
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
+            self.writers.discard(writer)
             writer.close()
 
     async def stop(self) -> None:
+        """Stop like a dead device: no new connections, and open ones are reset."""
+        for w in list(self.writers):
+            w.transport.abort()
         if self.server is not None:
             self.server.close()
             with contextlib.suppress(Exception):
