@@ -97,13 +97,23 @@ _M_UPGRADE = 2  # an upgrade request was parsed; bytes are kept for the tunnel
 _M_LINGER = 3  # closing after an answer: input discarded until EOF or LINGER_SECONDS
 
 
+_REASON_LINES: dict[tuple[int, bytes], bytes] = {
+    (s.value, s.phrase.encode("ascii")): _STATUS_LINES[s.value] for s in HTTPStatus
+}
+
+
 def _status_line(status: int, reason: bytes | None) -> bytes:
-    """``HTTP/1.1 <status> <reason>\\r\\n``, precomputed for every standard status."""
+    """``HTTP/1.1 <status> <reason>\\r\\n``, precomputed for every standard status (and for
+    every standard status with its standard reason phrase)."""
     if reason is None:
         line = _STATUS_LINES.get(status)
         if line is not None:
             return line
         reason = b""
+    else:
+        line = _REASON_LINES.get((status, reason))
+        if line is not None:
+            return line
     return b"HTTP/1.1 %d %s\r\n" % (status, reason)
 
 
@@ -125,13 +135,39 @@ def _head_size(url: bytes, headers: list[tuple[bytes, bytes]]) -> int:
     return len(url) + sum(len(name) + len(value) + 4 for name, value in headers)
 
 
+def _pairs(block: bytes) -> list[tuple[bytes, bytes]]:
+    """``name: value\\r\\n`` lines back into pairs (for the rare general loop)."""
+    out = []
+    for line in block.split(b"\r\n")[:-1]:
+        name, _, value = line.partition(b": ")
+        out.append((name, value))
+    return out
+
+
 def _add_headers(
     parts: list[bytes], headers: Iterable[tuple[bytes, bytes]], skip_length: bool
 ) -> int | None:
     """Append ``name: value\\r\\n`` for each header to ``parts``; return the content-length
     found (dropped when ``skip_length``). Hop-by-hop framing headers are always dropped: the
     server owns ``connection``, ``keep-alive`` and ``transfer-encoding``."""
-    length: int | None = None
+    if not skip_length:
+        # the usual case in C: join, then look for the few names that need attention
+        block = b"".join([b"%s: %s\r\n" % h for h in headers])
+        low = block.lower()
+        if (
+            b"connection" not in low
+            and b"keep-alive" not in low
+            and b"transfer-encoding" not in low
+        ):
+            i = low.find(b"content-length:")
+            if i < 0:
+                parts.append(block)
+                return None
+            if (i == 0 or low[i - 1] == 10) and low.find(b"content-length:", i + 15) < 0:
+                parts.append(block)
+                return int(block[i + 15 : block.index(b"\r", i)])
+        headers = _pairs(block)  # something to look at: the general loop below
+    length = None
     for name, value in headers:
         n = len(name)
         if n == 14 or n == 10 or n == 17:
