@@ -35,6 +35,8 @@ class Up(asyncio.Protocol):
     def on_message_complete(self):
         c = self.client
         self.client = None
+        if c is None:  # the floor handles no errors; ignore strays
+            return
         hs = b"".join(
             n + b": " + v + b"\r\n"
             for n, v in self.headers
