@@ -101,31 +101,9 @@ def upstream_request_headers(
     return out
 
 
-_DOWN_DROP = HOP_BY_HOP | _SET_DOWNSTREAM | {b"via"}
-
-
 def downstream_response_headers(headers: Headers, *, via: bytes, keep_length: bool) -> Headers:
     """Upstream response headers cleaned for the client; ``content-length`` kept when the body
     is passed through unchanged (``keep_length``), so the client sees the same framing length."""
-    fields = dict(headers)
-    if (
-        len(fields) == len(headers)
-        and fields.get(b"connection", b"close") in _PLAIN_CONNECTION
-        and b"\nproxy-" not in b"\n" + b"\n".join(fields)
-    ):
-        # the usual answer: no repeated field, no header named by Connection, no Proxy-*
-        out = [h for h in headers if h[0] not in _DOWN_DROP]
-        if keep_length:
-            length = fields.get(b"content-length")
-            if length:
-                out.append((b"content-length", length))
-        prior_via = fields.get(b"via")
-        out.append((b"via", prior_via + b", " + via if prior_via else via))
-        return out
-    return _downstream_slow(headers, via, keep_length)
-
-
-def _downstream_slow(headers: Headers, via: bytes, keep_length: bool) -> Headers:
     out: Headers = []
     named: frozenset[bytes] | set[bytes] | None = None
     prior_via = b""

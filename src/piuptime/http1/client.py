@@ -330,6 +330,8 @@ class _Connection(asyncio.Protocol):
         "_body_sent",
         "_closed",
         "_complete",
+        "_conn_header",
+        "_content_length",
         "_drain_waiter",
         "_error",
         "_fire",
@@ -353,10 +355,12 @@ class _Connection(asyncio.Protocol):
         "_sender",
         "_sent_any",
         "_state",
+        "_te",
         "_timeout",
         "_timer",
         "_transport",
         "_tunnel",
+        "_upgrade",
         "_uses",
         "_write_paused",
     )
@@ -397,7 +401,11 @@ class _Connection(asyncio.Protocol):
         self._interim = False
         self._head_size = 0
         self._reason = b""
-        self._headers: list[tuple[bytes, bytes]] = []  # as received; cleaned once complete
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._content_length: bytes | None = None
+        self._te: bytes | None = None
+        self._conn_header: bytes | None = None
+        self._upgrade = False
 
     # ---- asyncio.Protocol
 
@@ -464,13 +472,29 @@ class _Connection(asyncio.Protocol):
         self._interim = False
         self._reason = b""
         self._headers = []
+        self._content_length = self._te = self._conn_header = None
+        self._upgrade = False
 
     def on_status(self, reason: bytes) -> None:
         self._reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self._resp is None:  # else a trailer after a chunked body: dropped
-            self._headers.append((name, value))
+        if self._resp is not None:
+            return  # a trailer after a chunked body: dropped
+        name = name.lower()
+        value = value.rstrip()
+        self._headers.append((name, value))
+        if name in _WATCHED_HEADERS:
+            if name == b"content-length":
+                self._content_length = value
+            elif name == b"transfer-encoding":
+                te = self._te
+                self._te = value if te is None else te + b", " + value
+            elif name == b"connection":
+                ch = self._conn_header
+                self._conn_header = value if ch is None else ch + b", " + value
+            else:
+                self._upgrade = True
 
     def on_headers_complete(self) -> None:
         parser = self._parser
@@ -480,15 +504,8 @@ class _Connection(asyncio.Protocol):
             return
         raw_version: str = parser.get_http_version()
         version = _VERSIONS.get(raw_version) or raw_version.encode()
-        headers = [(name.lower(), value.rstrip()) for name, value in self._headers]
-        fields = dict(headers)
-        if len(fields) == len(headers):  # no repeated field: look the framing ones up
-            cl = fields.get(b"content-length")
-            te = fields.get(b"transfer-encoding")
-            conn_header = fields.get(b"connection")
-            upgrade = b"upgrade" in fields
-        else:
-            cl, te, conn_header, upgrade = _watched(headers)
+        cl = self._content_length
+        te = self._te
         if cl is not None and te is not None:
             raise RemoteProtocolError("response has both content-length and transfer-encoding")
         chunked = te is not None and _is_chunked(te)
@@ -497,13 +514,13 @@ class _Connection(asyncio.Protocol):
             status,
             self._reason,
             version,
-            headers,
+            self._headers,
             int(cl) if cl is not None else None,  # llhttp has validated the digits
             chunked,
-            _keep_alive(version, conn_header),
+            _keep_alive(version, self._conn_header),
         )
         if status == 101:
-            if not upgrade:
+            if not self._upgrade:
                 raise RemoteProtocolError("101 response without an upgrade header")
             resp.keep_alive = False
             resp._done = True
@@ -907,26 +924,6 @@ PendingExchange = _Connection
 ``await wait_response()`` are its public methods."""
 
 
-def _watched(
-    headers: list[tuple[bytes, bytes]],
-) -> tuple[bytes | None, bytes | None, bytes | None, bool]:
-    """Content-Length (the last), Transfer-Encoding and Connection (repeats joined with ", ")
-    and whether Upgrade is present, from headers where some field repeats."""
-    cl = te = conn = None
-    upgrade = False
-    for name, value in headers:
-        if name in _WATCHED_HEADERS:
-            if name == b"content-length":
-                cl = value
-            elif name == b"transfer-encoding":
-                te = value if te is None else te + b", " + value
-            elif name == b"connection":
-                conn = value if conn is None else conn + b", " + value
-            else:
-                upgrade = True
-    return cl, te, conn, upgrade
-
-
 def _is_chunked(te: bytes) -> bool:
     """True when ``chunked`` is the final transfer coding (RFC 9112 6.3)."""
     if te == b"chunked":
@@ -962,35 +959,6 @@ def _build_head(
     The caller's headers are sent as given; only ``content-length`` or
     ``transfer-encoding: chunked`` is added when the body needs framing and has none.
     """
-    block = b"\r\n".join(map(b": ".join, headers))
-    low = block.lower()
-    if b"content-length" not in low and b"transfer-encoding" not in low:
-        # the usual case: no framing header given, so none to find (all in C)
-        if body is None:
-            if content_length:
-                raise ValueError("content-length given without a body")
-            if method in _BODY_METHODS:
-                block += b"\r\ncontent-length: 0" if block else b"content-length: 0"
-        elif isinstance(body, bytes):
-            if content_length is not None and content_length != len(body):
-                raise ValueError("content-length does not match the body")
-            length = b"content-length: %d" % len(body)
-            block = block + b"\r\n" + length if block else length
-        else:
-            return _build_head_slow(method, target, headers, body, content_length)
-        if block:
-            return b"%s %s HTTP/1.1\r\n%s\r\n\r\n" % (method, target, block), False, None
-        return b"%s %s HTTP/1.1\r\n\r\n" % (method, target), False, None
-    return _build_head_slow(method, target, headers, body, content_length)
-
-
-def _build_head_slow(
-    method: bytes,
-    target: bytes,
-    headers: list[tuple[bytes, bytes]],
-    body: bytes | AsyncIterable[bytes] | None,
-    content_length: int | None,
-) -> tuple[bytes, bool, int | None]:
     parts = [method, b" ", target, b" HTTP/1.1\r\n"]
     append = parts.append
     cl: bytes | None = None

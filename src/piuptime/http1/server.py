@@ -135,38 +135,12 @@ def _head_size(url: bytes, headers: list[tuple[bytes, bytes]]) -> int:
     return len(url) + sum(len(name) + len(value) + 4 for name, value in headers)
 
 
-def _pairs(block: bytes) -> list[tuple[bytes, bytes]]:
-    """``name: value\\r\\n`` lines back into pairs (for the rare general loop)."""
-    out = []
-    for line in block.split(b"\r\n")[:-1]:
-        name, _, value = line.partition(b": ")
-        out.append((name, value))
-    return out
-
-
 def _add_headers(
     parts: list[bytes], headers: Iterable[tuple[bytes, bytes]], skip_length: bool
 ) -> int | None:
     """Append ``name: value\\r\\n`` for each header to ``parts``; return the content-length
     found (dropped when ``skip_length``). Hop-by-hop framing headers are always dropped: the
     server owns ``connection``, ``keep-alive`` and ``transfer-encoding``."""
-    if not skip_length:
-        # the usual case in C: join, then look for the few names that need attention
-        block = b"".join([b"%s: %s\r\n" % h for h in headers])
-        low = block.lower()
-        if (
-            b"connection" not in low
-            and b"keep-alive" not in low
-            and b"transfer-encoding" not in low
-        ):
-            i = low.find(b"content-length:")
-            if i < 0:
-                parts.append(block)
-                return None
-            if (i == 0 or low[i - 1] == 10) and low.find(b"content-length:", i + 15) < 0:
-                parts.append(block)
-                return int(block[i + 15 : block.index(b"\r", i)])
-        headers = _pairs(block)  # something to look at: the general loop below
     length = None
     for name, value in headers:
         n = len(name)
