@@ -301,3 +301,35 @@ async def test_http10_and_pipelining_through_the_gateway(ups: list[Upstream]) ->
         await c.close()
     finally:
         await app.stop()
+
+
+async def test_faults_on_a_pooled_connection_keep_their_answers(ups: list[Upstream]) -> None:
+    """A kept-alive upstream connection (the callback-driven path) that the upstream closes
+    before answering is retried on a fresh one; one that goes silent gives the 504."""
+    calls = 0
+
+    async def flaky(req: SeenRequest, w: asyncio.StreamWriter) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            w.close()  # the keep-alive race: closed without an answer
+            return
+        if calls == 4:
+            await asyncio.sleep(30)
+        w.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        await w.drain()
+
+    ups[0].handler = flaky
+    app, port = await start_app(gateway_yaml({"main": [ups[0].port]}, ROUTES))
+    try:
+        assert (await fetch(port, "/api/a")).body == b"ok"
+        r = await fetch(port, "/api/b")  # sent on the pooled connection, which closes
+        assert (r.status, r.body) == (200, b"ok")
+        assert ups[0].connections == 2
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        r = await fetch(port, "/api/c")  # pooled again; the upstream stays silent
+        assert r.status == 504 and b'"upstream_timeout"' in r.body and b"upstream main" in r.body
+        assert 1.9 < loop.time() - t0 < 4
+    finally:
+        await app.stop()
