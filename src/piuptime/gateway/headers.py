@@ -36,6 +36,10 @@ _SET_DOWNSTREAM = frozenset({b"content-length", b"date"})
 
 Headers = list[tuple[bytes, bytes]]
 
+# Every name either rewrite loop treats specially (all else is copied, unless ``proxy-*``).
+_UP_SPECIAL = HOP_BY_HOP | _SET_UPSTREAM | {b"x-forwarded-for", b"via"}
+_DOWN_SPECIAL = HOP_BY_HOP | _SET_DOWNSTREAM | {b"via"}
+
 
 _PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b"Keep-Alive", b"Close", b"upgrade"})
 _NOTHING: frozenset[bytes] = frozenset()
@@ -68,25 +72,24 @@ def upstream_request_headers(
     gateway is the edge that saw the scheme and host; ``Via`` gets our hop appended.
     """
     out: Headers = []
+    append = out.append
     named: frozenset[bytes] | set[bytes] | None = None
     xff = b""
     prior_via = b""
-    for name, value in headers:
-        if name in HOP_BY_HOP or name.startswith(b"proxy-"):
-            if name == b"connection":
-                named = (
-                    connection_tokens(value) if named is None else named | connection_tokens(value)
-                )
+    for field in headers:
+        name = field[0]
+        if name not in _UP_SPECIAL:  # one set look-up for an ordinary field
+            if name[:6] != b"proxy-":
+                append(field)
             continue
-        if name in _SET_UPSTREAM:
-            continue
-        if name == b"x-forwarded-for":
-            xff = value if not xff else xff + b", " + value
-            continue
-        if name == b"via":
-            prior_via = value if not prior_via else prior_via + b", " + value
-            continue
-        out.append((name, value))
+        if name == b"connection":
+            value = field[1]
+            named = connection_tokens(value) if named is None else named | connection_tokens(value)
+        elif name == b"x-forwarded-for":
+            xff = field[1] if not xff else xff + b", " + field[1]
+        elif name == b"via":
+            prior_via = field[1] if not prior_via else prior_via + b", " + field[1]
+        # else: hop-by-hop or set by us: dropped
     if named:
         out = [h for h in out if h[0] not in named]
     out.append((b"host", host))
@@ -105,24 +108,24 @@ def downstream_response_headers(headers: Headers, *, via: bytes, keep_length: bo
     """Upstream response headers cleaned for the client; ``content-length`` kept when the body
     is passed through unchanged (``keep_length``), so the client sees the same framing length."""
     out: Headers = []
+    append = out.append
     named: frozenset[bytes] | set[bytes] | None = None
     prior_via = b""
     length = b""
-    for name, value in headers:
-        if name in HOP_BY_HOP or name.startswith(b"proxy-"):
-            if name == b"connection":
-                named = (
-                    connection_tokens(value) if named is None else named | connection_tokens(value)
-                )
+    for field in headers:
+        name = field[0]
+        if name not in _DOWN_SPECIAL:  # one set look-up for an ordinary field
+            if name[:6] != b"proxy-":
+                append(field)
             continue
-        if name in _SET_DOWNSTREAM:
-            if name == b"content-length":
-                length = value
-            continue
-        if name == b"via":
-            prior_via = value if not prior_via else prior_via + b", " + value
-            continue
-        out.append((name, value))
+        if name == b"connection":
+            value = field[1]
+            named = connection_tokens(value) if named is None else named | connection_tokens(value)
+        elif name == b"content-length":
+            length = field[1]
+        elif name == b"via":
+            prior_via = field[1] if not prior_via else prior_via + b", " + field[1]
+        # else: hop-by-hop or replaced by us: dropped
     if named:
         out = [h for h in out if h[0] not in named]
     if keep_length and length:
