@@ -310,7 +310,8 @@ class _Exchange:
                     handler._drained_then_log(req, resp, self.route, self.target, upstream_time)
                 )
                 return
-            handler._log(req, resp, self.route, self.target, 1, upstream_time)
+            if handler.access_log.enabled:
+                handler._log(req, resp, self.route, self.target, 1, upstream_time)
         except Exception as exc:
             if up is not None:
                 up.release()

@@ -240,7 +240,8 @@ class Response:
     def _feed(self, data: bytes) -> None:
         self._chunks.append(data)
         self._buffered += len(data)
-        self._wake()
+        if self._waiter is not None:
+            self._wake()
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -536,7 +537,8 @@ class _Connection(asyncio.Protocol):
             resp._done or resp.content_length is None or resp.content_length > _HIGH_WATER
         ):
             self._fire = True  # not a small body on its way: the caller takes over now
-        self._wake_sender()
+        if self._head_waiter is not None or self._drain_waiter is not None:
+            self._wake_sender()
 
     def on_body(self, data: bytes) -> None:
         resp = self._resp
@@ -553,7 +555,8 @@ class _Connection(asyncio.Protocol):
         resp = self._resp
         if resp is not None and not resp._done:
             resp._done = True
-            resp._wake()
+            if resp._waiter is not None:
+                resp._wake()
         self._complete = True
         if self._notify is not None:
             self._fire = True
