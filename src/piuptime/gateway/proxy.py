@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -60,7 +61,8 @@ class ProxyHandler:
         self.runtime = runtime
         self.access_log = access_log
         self.ids = RequestIds()
-        self._loop_time: Callable[[], float] = asyncio.get_running_loop().time
+        # uvloop's loop.time() has millisecond resolution: too coarse for latency figures.
+        self._loop_time: Callable[[], float] = time.perf_counter
 
     def handle(self, req: Request, resp: Responder) -> Awaitable[None] | None:
         """Route ``req`` and forward it. A bodyless request with an idle pooled connection to
@@ -128,16 +130,10 @@ class ProxyHandler:
                 t0 = self._loop_time()
                 up = await target.pool.request(req.method, path, headers, body, req.content_length)
             upstream_time = self._loop_time() - t0
-        except BodyTooLarge:
-            resp.send_error(
-                413, "body_too_large", f"request body exceeds {req.max_body_bytes} bytes"
-            )
-            self._log(req, resp, route, target, 0, 0.0)
-            return
-        except BodyTimeout:
-            resp.send_error(408, "body_timeout", "the client stopped sending the request body")
-            self._log(req, resp, route, target, 0, 0.0)
-            return
+        except (BodyTooLarge, BodyTimeout):
+            # The server answers these itself (413/408 with connection: close, since the rest
+            # of the body is unread) and logs them through its on_error hook.
+            raise
         except UpstreamError as exc:
             status, code = _upstream_error_status(exc)
             resp.send_error(status, code, f"upstream {route.upstream.name} ({target.label}): {exc}")

@@ -21,6 +21,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from http import HTTPStatus
+from time import perf_counter as _perf_counter
 from typing import Any, NoReturn, cast
 
 import httptools
@@ -888,7 +889,7 @@ class _Connection(asyncio.Protocol):
         req.keep_alive = parser.should_keep_alive() and not self._draining
         if (req._upgrade_value is not None or method == b"CONNECT") and parser.should_upgrade():
             self._upgrade_request(req, method)
-        req.start_time = self._loop.time()
+        req.start_time = _perf_counter()
         self._timer_kind = _T_NONE  # no head pending; no idle wait while a handler runs
         if self._reframe is not req:
             self._body_req = req  # completed by on_message_complete, body or not
