@@ -14,11 +14,6 @@ ROUTES = "  - name: all\n    match: {path: /}\n    upstream: main\n"
 LIMITS = "  limits: {max_header_bytes: 2KiB, max_header_count: 10, max_body_bytes: 1KiB}"
 
 
-@pytest.fixture(scope="module")
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 @pytest.fixture
 async def gateway() -> AsyncIterator[tuple[int, Upstream]]:
     up = await Upstream(name="u0").start()
