@@ -140,7 +140,7 @@ def piuptime(config: str, cpu: str | None) -> Iterator[tuple[int, subprocess.Pop
             "--log-level",
             "warning",
         ]
-        env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+        env = dict(os.environ, PYTHONPATH=os.environ.get("PIUPTIME_SRC", str(ROOT / "src")))
         with started(args, port, env=env) as proc:
             yield port, proc
 

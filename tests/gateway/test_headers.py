@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from piuptime.gateway.headers import (
-    downstream_response_headers,
+    downstream_response_fields,
     tunnel_response_headers,
+    upstream_request_fields,
     upstream_request_headers,
 )
+
+
+def fields(raw: bytes) -> list[tuple[bytes, bytes]]:
+    """Parse serialised ``name: value\\r\\n`` lines back into pairs."""
+    assert raw.endswith(b"\r\n") or raw == b""
+    out = []
+    for line in raw.split(b"\r\n")[:-1]:
+        name, sep, value = line.partition(b": ")
+        assert sep, line
+        out.append((name, value))
+    return out
 
 
 def up(headers: list[tuple[bytes, bytes]], **kw: object) -> dict[bytes, list[bytes]]:
@@ -88,7 +103,7 @@ def test_first_hop_and_upgrade() -> None:
 
 
 def test_response_headers() -> None:
-    out = downstream_response_headers(
+    out = downstream_response_fields(
         [
             (b"content-length", b"5"),
             (b"date", b"x"),
@@ -97,22 +112,57 @@ def test_response_headers() -> None:
             (b"transfer-encoding", b"chunked"),
             (b"set-cookie", b"a=1"),
             (b"set-cookie", b"b=2"),
+            (b"proxy-thing", b"p"),
             (b"server", b"device"),
         ],
         via=b"1.1 piuptime",
-        keep_length=True,
+        length=5,
     )
-    assert out == [
+    assert fields(out) == [
         (b"set-cookie", b"a=1"),
         (b"set-cookie", b"b=2"),
         (b"server", b"device"),
         (b"content-length", b"5"),
         (b"via", b"1.1 piuptime"),
     ]
-    chunked = downstream_response_headers(
-        [(b"transfer-encoding", b"chunked")], via=b"v", keep_length=False
+    chunked = downstream_response_fields(
+        [(b"transfer-encoding", b"chunked"), (b"via", b"1.0 dev")], via=b"v", length=None
     )
-    assert chunked == [(b"via", b"v")]
+    assert fields(chunked) == [(b"via", b"1.0 dev, v")]
+
+
+_names = st.sampled_from(
+    [
+        b"accept",
+        b"connection",
+        b"x-forwarded-for",
+        b"via",
+        b"host",
+        b"proxy-authorization",
+        b"te",
+        b"x-secret",
+        b"content-length",
+        b"user-agent",
+    ]
+)
+_values = st.sampled_from([b"1", b"x-secret", b"close", b"keep-alive, X-Secret", b"10.1.1.1"])
+
+
+@given(st.lists(st.tuples(_names, _values), max_size=8), st.sampled_from([b"", b"gw.example"]))
+def test_serialised_request_fields_equal_the_header_list(
+    headers: list[tuple[bytes, bytes]], original_host: bytes
+) -> None:
+    """The bytes form the fast path sends is exactly the list form, serialised."""
+    args = {
+        "host": b"devices",
+        "client_ip": b"10.0.0.9",
+        "proto": b"https",
+        "original_host": original_host,
+        "via": b"1.1 piuptime",
+    }
+    as_list = upstream_request_headers(headers, **args)  # type: ignore[arg-type]
+    as_bytes = upstream_request_fields(headers, **args)  # type: ignore[arg-type]
+    assert fields(as_bytes) == as_list
 
 
 def test_tunnel_headers_keep_upgrade() -> None:

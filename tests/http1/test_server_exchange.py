@@ -452,3 +452,42 @@ async def test_expect_100_continue_not_sent_once_body_bytes_arrived() -> None:
         resp = await client.response()
         assert resp.status == 200  # no interim 100: the client did not wait for it
         assert resp.json() == {"method": "POST", "path": "/up", "body": "abcdef"}
+
+
+async def test_start_fields_frames_like_start() -> None:
+    """``start_fields`` (pre-serialised fields, as the proxy sends them): a length is kept,
+    no length means chunked for 1.1 and close-delimited for 1.0, HEAD gets no body."""
+
+    async def handler(req: Request, resp: Responder) -> None:
+        if req.path == b"/len":
+            resp.start_fields(200, b"x-a: 1\r\ncontent-length: 3\r\n", 3)
+            resp.end(b"abc")
+        else:
+            resp.start_fields(201, b"x-a: 2\r\n", None, b"Made")
+            resp.write(b"ab")
+            await resp.drain()
+            resp.end(b"c")
+
+    async with serve(record_then(handler)) as sut:
+        client = await sut.connect()
+        await client.send(b"GET /len HTTP/1.1\r\nHost: x\r\n\r\n")
+        resp = await client.response()
+        assert (resp.status, resp.header(b"x-a"), resp.header(b"content-length")) == (
+            200,
+            b"1",
+            b"3",
+        )
+        assert resp.body == b"abc" and resp.header(b"date") is not None
+        await client.send(b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n")
+        resp = await client.response()
+        assert resp.status == 201 and resp.header(b"transfer-encoding") == b"chunked"
+        assert resp.body == b"abc"
+        await client.send(b"HEAD /len HTTP/1.1\r\nHost: x\r\n\r\n")
+        resp = await client.response(b"HEAD")
+        assert resp.header(b"content-length") == b"3" and resp.body == b""
+        assert await client.still_open()
+        client = await sut.connect()
+        await client.send(b"GET /stream HTTP/1.0\r\n\r\n")
+        resp = await client.response()
+        assert resp.header(b"transfer-encoding") is None
+        assert resp.header(b"connection") == b"close" and resp.body == b"abc"

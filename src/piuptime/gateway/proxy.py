@@ -14,8 +14,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from piuptime.gateway.headers import (
-    downstream_response_headers,
+    downstream_response_fields,
     tunnel_response_headers,
+    upstream_request_fields,
     upstream_request_headers,
 )
 from piuptime.gateway.runtime import CompiledRoute, Runtime, Target
@@ -90,22 +91,34 @@ class ProxyHandler:
             resp.finish()
             return None
         target = upstream.targets[idx]
-        headers = upstream_request_headers(
-            req.headers,
-            host=route.upstream_host(req.host, target),
-            client_ip=req.client_addr.encode(),
-            proto=_HTTPS if req.tls else _HTTP,
-            original_host=req.host,
-            via=rt.via,
-            upgrade=req.upgrade,
-        )
+        host = route.upstream_host(req.host, target)
+        proto = _HTTPS if req.tls else _HTTP
         path = route.upstream_path(req.path, req.query, match)
-        if not req.has_body and req.upgrade is None:
-            ex = _Exchange(self, req, resp, route, target, rt.via)
-            conn = target.pool.send_nowait(req.method, path, headers, ex.ready)
-            if conn is not None:
-                ex.conn = conn
-                return None
+        if req.upgrade is not None:
+            headers: list[tuple[bytes, bytes]] | bytes = upstream_request_headers(
+                req.headers,
+                host=host,
+                client_ip=req.client_addr.encode(),
+                proto=proto,
+                original_host=req.host,
+                via=rt.via,
+                upgrade=req.upgrade,
+            )
+        else:
+            headers = upstream_request_fields(
+                req.headers,
+                host=host,
+                client_ip=req.client_addr.encode(),
+                proto=proto,
+                original_host=req.host,
+                via=rt.via,
+            )
+            if not req.has_body:
+                ex = _Exchange(self, req, resp, route, target, rt.via)
+                conn = target.pool.send_nowait(req.method, path, headers, ex.ready)
+                if conn is not None:
+                    ex.conn = conn
+                    return None
         return self._forward(req, resp, route, target, rt.via, path, headers)
 
     async def _forward(
@@ -116,7 +129,7 @@ class ProxyHandler:
         target: Target,
         via: bytes,
         path: bytes,
-        headers: list[tuple[bytes, bytes]],
+        headers: list[tuple[bytes, bytes]] | bytes,
         pending: PendingExchange | None = None,
         t0: float = 0.0,
     ) -> None:
@@ -162,9 +175,12 @@ class ProxyHandler:
     async def _relay(self, req: Request, resp: Responder, up: Response, via: bytes) -> float:
         """Stream the upstream response to the client; returns time spent waiting upstream."""
         no_body = req.method == b"HEAD" or up.status in _NO_BODY_STATUS or up.status < 200
-        resp.start(
+        resp.start_fields(
             up.status,
-            downstream_response_headers(up.headers, via=via, keep_length=not up.chunked),
+            downstream_response_fields(
+                up.headers, via=via, length=None if up.chunked else up.content_length
+            ),
+            None if up.chunked else up.content_length,
             up.reason,
         )
         waited = 0.0
@@ -291,9 +307,11 @@ class _Exchange:
             upstream_time = handler._loop_time() - self.t0
             req = self.req
             status = up.status
-            resp.start(
+            length = None if up.chunked else up.content_length
+            resp.start_fields(
                 status,
-                downstream_response_headers(up.headers, via=self.via, keep_length=not up.chunked),
+                downstream_response_fields(up.headers, via=self.via, length=length),
+                length,
                 up.reason,
             )
             if req.method == b"HEAD" or status in _NO_BODY_STATUS or status < 200:

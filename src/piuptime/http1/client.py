@@ -952,7 +952,7 @@ def _keep_alive(version: bytes, connection: bytes | None) -> bool:
 def _build_head(
     method: bytes,
     target: bytes,
-    headers: list[tuple[bytes, bytes]],
+    headers: list[tuple[bytes, bytes]] | bytes,
     body: bytes | AsyncIterable[bytes] | None,
     content_length: int | None,
 ) -> tuple[bytes, bool, int | None]:
@@ -961,23 +961,42 @@ def _build_head(
     Returns ``(head, chunked, length)``; ``length`` is the declared size of a streamed body.
     The caller's headers are sent as given; only ``content-length`` or
     ``transfer-encoding: chunked`` is added when the body needs framing and has none.
+    ``headers`` may come already serialised (``name: value\r\n`` lines, without framing
+    fields): then they are not scanned.
     """
-    parts = [method, b" ", target, b" HTTP/1.1\r\n"]
-    append = parts.append
     cl: bytes | None = None
     te: bytes | None = None
-    for name, value in headers:
-        size = len(name)
-        if size == 14 or size == 17:
-            lname = name.lower()
-            if lname == b"content-length":
-                cl = value
-            elif lname == b"transfer-encoding":
-                te = value
-        append(name)
-        append(b": ")
-        append(value)
-        append(b"\r\n")
+    if isinstance(headers, bytes):
+        if body is None and not content_length:
+            if method in _BODY_METHODS:
+                return (
+                    b"%s %s HTTP/1.1\r\n%scontent-length: 0\r\n\r\n"
+                    % (
+                        method,
+                        target,
+                        headers,
+                    ),
+                    False,
+                    None,
+                )
+            return b"%s %s HTTP/1.1\r\n%s\r\n" % (method, target, headers), False, None
+        parts = [method, b" ", target, b" HTTP/1.1\r\n", headers]
+        append = parts.append
+    else:
+        parts = [method, b" ", target, b" HTTP/1.1\r\n"]
+        append = parts.append
+        for name, value in headers:
+            size = len(name)
+            if size == 14 or size == 17:
+                lname = name.lower()
+                if lname == b"content-length":
+                    cl = value
+                elif lname == b"transfer-encoding":
+                    te = value
+            append(name)
+            append(b": ")
+            append(value)
+            append(b"\r\n")
     chunked = False
     length: int | None = None
     declared = _declared_length(cl, content_length)
@@ -1082,13 +1101,15 @@ class Pool:
         self,
         method: bytes,
         target: bytes,
-        headers: list[tuple[bytes, bytes]],
+        headers: list[tuple[bytes, bytes]] | bytes,
         body: bytes | AsyncIterator[bytes] | None = None,
         content_length: int | None = None,
     ) -> Response:
         """Send a request and return the response once its head arrived.
 
-        ``headers`` go out as given (include ``host``). A bytes body gets a ``content-length``;
+        ``headers`` go out as given (include ``host``): a list of (name, value) pairs, or bytes
+        already serialised as ``name: value\r\n`` lines without framing fields (what the
+        proxy builds). A bytes body gets a ``content-length``;
         an async-iterator body is sent with ``content-length`` when one is given (argument or
         header), otherwise chunked. A request that fails on a reused connection because the
         upstream had closed it, before any response byte and with a replayable body, is sent
@@ -1108,7 +1129,7 @@ class Pool:
         self,
         method: bytes,
         target: bytes,
-        headers: list[tuple[bytes, bytes]],
+        headers: list[tuple[bytes, bytes]] | bytes,
         on_ready: Callable[[], None],
     ) -> _Connection | None:
         """Send a bodyless request at once on an idle keep-alive connection, if there is one.

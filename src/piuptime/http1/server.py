@@ -379,6 +379,39 @@ class Responder:
             parts.append(tail_keep_alive())
         self._head = b"".join(parts)
 
+    def start_fields(
+        self, status: int, fields: bytes, length: int | None, reason: bytes | None = None
+    ) -> None:
+        """``start`` for a caller that serialised its header fields itself: ``fields`` are
+        ``name: value\\r\\n`` lines, free of ``connection``, ``keep-alive`` and
+        ``transfer-encoding``, and carrying ``content-length: <length>`` when ``length`` is not
+        None. No informational (1xx) status. One concatenation, no per-field work."""
+        if self.started:
+            raise RuntimeError("response already started")
+        req = self._req
+        self.started = True
+        self.status = status
+        keep_alive = req.keep_alive and not self._conn._draining
+        if status == 204 or status == 304 or req.method == b"HEAD":
+            self._framing = _F_NONE
+        elif length is not None:
+            self._framing = _F_LENGTH
+            self._remaining = length
+        elif req.version is _V11:
+            self._framing = _F_CHUNKED
+            fields += b"transfer-encoding: chunked\r\n"
+        else:
+            self._framing = _F_CLOSE
+            keep_alive = False
+        self._keep_alive = keep_alive
+        if not keep_alive:
+            tail = tail_close()
+        elif req.version is _V11:
+            tail = tail_plain()
+        else:
+            tail = tail_keep_alive()
+        self._head = _status_line(status, reason) + fields + tail
+
     def write(self, data: bytes) -> None:
         """Send body bytes (chunk-encoded when the response is chunked)."""
         if not self.started or self.ended:

@@ -1,0 +1,143 @@
+"""The proxy's per-request Python cost, without sockets: a deterministic micro-benchmark.
+
+Drives the real ``http1`` server connection, the proxy handler, the router, the balancer and the
+``http1`` client connection in one process with in-memory transports: a wrk-like ``GET`` is fed
+to the server side, the upstream answer (nginx's, byte for byte in shape) to the client side,
+and the bytes the client would receive are checked. What is left out is exactly what the kernel
+does (syscalls, the event loop's polling), so the figure is the gateway's own CPU per request.
+
+    uv run python bench/hotpath_micro.py                 # 200,000 requests, best of 5
+    uv run python bench/hotpath_micro.py --profile       # the same under cProfile, top 25
+
+Compare the figure with ``bench/cpu_per_request.py``'s user-time column.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import pstats
+import time
+
+import uvloop
+
+from piuptime.config.load import parse_config
+from piuptime.gateway.proxy import ProxyHandler
+from piuptime.gateway.runtime import compile_runtime
+from piuptime.http1 import client as http1_client
+from piuptime.http1.server import Server
+from piuptime.observe.accesslog import AccessLog
+
+CONFIG = """
+gateway:
+  listen: ["127.0.0.1:8080"]
+  access_log: {path: off}
+upstreams:
+  backend:
+    targets: [{url: "http://127.0.0.1:9000"}]
+routes:
+  - name: all
+    match: {path: /}
+    upstream: backend
+"""
+
+REQUEST = b"GET / HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n\r\n"
+BODY = b"hello from the upstream\n"
+RESPONSE = (
+    b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Sun, 22 Nov 2026 10:00:00 GMT\r\n"
+    b"Content-Type: text/plain\r\nContent-Length: %d\r\nConnection: keep-alive\r\n\r\n%b"
+    % (len(BODY), BODY)
+)
+
+
+class MemoryTransport:
+    """Just enough of a uvloop transport: writes are kept, the rest does nothing."""
+
+    def __init__(self) -> None:
+        self.out: list[bytes] = []
+        self.closing = False
+
+    def write(self, data: bytes) -> None:
+        self.out.append(data)
+
+    def writelines(self, parts: list[bytes]) -> None:
+        self.out.append(b"".join(parts))
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return ("127.0.0.1", 40000) if name == "peername" else default
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closing = True
+
+    def abort(self) -> None:
+        self.closing = True
+
+
+async def setup() -> tuple[object, object, MemoryTransport, MemoryTransport]:
+    config = parse_config(CONFIG, "bench.yaml")
+    runtime = compile_runtime(config)
+    handler = ProxyHandler(runtime, AccessLog("off"))
+    from piuptime.app import server_limits
+
+    server = Server(handler.handle, server_limits(config))
+    down_t = MemoryTransport()
+    down = server._protocol()
+    down.connection_made(down_t)  # type: ignore[arg-type]
+    pool = runtime.upstreams["backend"].targets[0].pool
+    pool._loop = asyncio.get_running_loop()
+    up = http1_client._Connection(pool, pool._loop)
+    up_t = MemoryTransport()
+    up.connection_made(up_t)  # type: ignore[arg-type]
+    pool._open += 1
+    up._state = http1_client._BUSY
+    pool._checkin(up)
+    return down, up, down_t, up_t
+
+
+def run(n: int, down: object, up: object, down_t: MemoryTransport, up_t: MemoryTransport) -> float:
+    feed_down = down.data_received  # type: ignore[attr-defined]
+    feed_up = up.data_received  # type: ignore[attr-defined]
+    t0 = time.perf_counter()
+    for _ in range(n):
+        feed_down(REQUEST)
+        feed_up(RESPONSE)
+    elapsed = time.perf_counter() - t0
+    assert len(up_t.out) >= n and len(down_t.out) >= n, (len(up_t.out), len(down_t.out))
+    last = down_t.out[-1]
+    assert last.startswith(b"HTTP/1.1 200 OK\r\n") and last.endswith(BODY), last
+    up_t.out.clear()
+    down_t.out.clear()
+    return elapsed / n
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("-n", type=int, default=200_000)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--profile", action="store_true")
+    args = ap.parse_args()
+    down, up, down_t, up_t = await setup()
+    run(2000, down, up, down_t, up_t)  # warm
+    if args.profile:
+        prof = cProfile.Profile()
+        prof.enable()
+        run(args.n, down, up, down_t, up_t)
+        prof.disable()
+        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+        return
+    best = min(run(args.n, down, up, down_t, up_t) for _ in range(args.rounds))
+    print(f"piuptime proxy path: {best * 1e6:.2f} us per request (best of {args.rounds})")
+
+
+if __name__ == "__main__":
+    uvloop.run(main())
