@@ -378,9 +378,24 @@ class GatewayConfig(BaseModel):
 # admin, store
 
 
+def _is_loopback_host(host: str) -> bool:
+    """``localhost``, 127.0.0.0/8 or ``::1``: reachable from this machine only. An empty host
+    (every interface) and any other name are not."""
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class AdminConfig(BaseModel):
-    """The admin listener (API, dashboard, /metrics). Not built yet: a non-null section is an
-    error at load time."""
+    """The admin listener (``GET /status``, ``/healthz``; later the API, dashboard, /metrics).
+
+    ``token``: the bearer token every admin request but ``/healthz`` must carry. An empty string
+    (``${PIUPTIME_ADMIN_TOKEN:-}`` with the variable unset) counts as no token, which is only
+    allowed while ``listen`` is a loopback address.
+    """
 
     model_config = _model()
 
@@ -392,6 +407,32 @@ class AdminConfig(BaseModel):
     def _address(cls, value: str) -> str:
         parse_address(value)
         return value
+
+    @field_validator("token")
+    @classmethod
+    def _empty_is_none(cls, value: str | None) -> str | None:
+        return value if value is not None and value.strip() else None
+
+    @model_validator(mode="after")
+    def _token_off_loopback(self) -> AdminConfig:
+        if self.token is None and not _is_loopback_host(self.host):
+            where = f"{self.host}:{self.port}" if self.host else f"every interface (:{self.port})"
+            raise SchemaValueError(
+                f"the admin listener on {where} would be reachable from other machines "
+                "without a token; set admin.token (e.g. token: ${PIUPTIME_ADMIN_TOKEN}) or "
+                "listen on a loopback address such as 127.0.0.1:9180",
+                ("listen",),
+            )
+        return self
+
+    @property
+    def host(self) -> str:
+        """The host part of ``listen`` (``""``: every interface)."""
+        return parse_address(self.listen)[0]
+
+    @property
+    def port(self) -> int:
+        return parse_address(self.listen)[1]
 
 
 class StoreConfig(BaseModel):
@@ -494,16 +535,28 @@ class Target(BaseModel):
 
 
 class Timeouts(BaseModel):
+    """Per attempt: ``connect``, ``ttfb`` (request sent → response head), ``read`` (the longest
+    silence while a body streams). ``total``: the deadline for the whole request up to the
+    response head, every attempt, backoff and wait included (a streamed body is then bounded
+    by ``read``, so long downloads and event streams are not cut)."""
+
     model_config = _model()
 
     connect: PositiveDuration = 2.0
+    ttfb: PositiveDuration | None = None  # default: read
     read: PositiveDuration = 30.0
+    total: PositiveDuration = 60.0
 
 
 class Pool(BaseModel):
+    """Connections per target. ``max_connections`` is also the target's in-flight limit; up to
+    ``max_pending`` more requests wait for a connection, beyond that the target answers busy
+    (the request tries another target, or gets 503)."""
+
     model_config = _model()
 
     max_connections: Int = Field(default=256, ge=1)
+    max_pending: Int = Field(default=256, ge=0)
     max_idle: Int = Field(default=64, ge=0)
     idle_timeout: PositiveDuration = 60.0
 
@@ -530,23 +583,46 @@ class UpstreamTLS(BaseModel):
         return value
 
 
+_RETRY_STATUSES = frozenset({429, 502, 503, 504})
+
+
 class Retries(BaseModel):
-    """Not built yet (parsed, then rejected at load time)."""
+    """Re-sending a failed attempt to another target (see docs/reliability.md)."""
 
     model_config = _model()
 
-    attempts: Int = Field(default=1, ge=0, le=10)
-    budget: Percent = 0.2
+    attempts: Int = Field(default=1, ge=0, le=10)  # retries after the first attempt
+    budget: Percent = 0.2  # retries at most this share of requests, per upstream
+    min_per_second: float = Field(default=3.0, ge=0)  # ... but always this many per second
+    statuses: list[Int] = Field(default_factory=lambda: sorted(_RETRY_STATUSES))
+    backoff: PositiveDuration = 0.025  # first wait; doubles per retry, full jitter
+    max_backoff: PositiveDuration = 1.0
+
+    @field_validator("statuses")
+    @classmethod
+    def _statuses(cls, value: list[int]) -> list[int]:
+        for status in value:
+            if status not in _RETRY_STATUSES:
+                raise ValueError(
+                    f"{status} is not retryable; choose from {sorted(_RETRY_STATUSES)}"
+                )
+        return value
 
 
 class ActiveHealth(BaseModel):
     model_config = _model()
 
+    kind: Literal["http", "tcp"] = "http"
     path: str = "/"
+    method: Literal["GET", "HEAD", "OPTIONS"] = "GET"
+    host: str | None = None
+    expected_statuses: list[Int] = Field(default_factory=lambda: list(range(200, 400)))
+    body_contains: str | None = None
     interval: PositiveDuration = 5.0
     timeout: PositiveDuration = 1.0
     healthy_after: Int = Field(default=2, ge=1)
     unhealthy_after: Int = Field(default=3, ge=1)
+    jitter: Percent = 0.1
 
     @field_validator("path")
     @classmethod
@@ -555,33 +631,82 @@ class ActiveHealth(BaseModel):
             raise ValueError(f"a health-check path starts with /, got {value!r}")
         return value
 
+    @field_validator("expected_statuses")
+    @classmethod
+    def _expected(cls, value: list[int]) -> list[int]:
+        if not value or any(not 100 <= s <= 599 for s in value):
+            raise ValueError("expected_statuses needs HTTP statuses from 100 to 599")
+        return value
+
 
 class PassiveHealth(BaseModel):
+    """Outlier detection: on unless ``enabled: false``."""
+
     model_config = _model()
 
+    enabled: bool = True
     consecutive_failures: Int = Field(default=5, ge=1)
     eject_for: PositiveDuration = 30.0
+    max_eject_multiplier: Int = Field(default=10, ge=1)
+    max_ejected: Percent = 0.5
 
 
 class Health(BaseModel):
-    """Not built yet (parsed, then rejected at load time)."""
-
     model_config = _model()
 
     active: ActiveHealth | None = None
-    passive: PassiveHealth | None = None
+    passive: Annotated[PassiveHealth, _Section] = Field(default_factory=PassiveHealth)
+    # Below this share of usable primaries, spread over all targets regardless of health
+    # (0: only when no target at all is usable).
+    panic_threshold: Percent = 0.0
+
+
+class Breaker(BaseModel):
+    """Per-target circuit breaker: on unless ``enabled: false``."""
+
+    model_config = _model()
+
+    enabled: bool = True
+    window: PositiveDuration = 10.0
+    min_requests: Int = Field(default=20, ge=1)
+    failure_ratio: Percent = 0.5
+    open_for: PositiveDuration = 5.0
+    max_open_for: PositiveDuration = 60.0
+    half_open_probes: Int = Field(default=3, ge=1)
+
+    @field_validator("failure_ratio")
+    @classmethod
+    def _ratio(cls, value: float) -> float:
+        if value <= 0:
+            raise ValueError("failure_ratio must be above 0%")
+        return value
+
+
+def _hash_on(value: Any) -> Any:
+    if not isinstance(value, str):
+        return value
+    kind, _, name = value.partition(":")
+    if kind in ("ip", "path") and not name:
+        return value
+    if kind in ("header", "cookie") and name.strip():
+        return value
+    raise ValueError(f"hash_on is ip, path, header:<name> or cookie:<name>, got {value!r}")
 
 
 class Upstream(BaseModel):
     model_config = _model()
 
     balance: Literal["round_robin", "least_conn", "ewma", "hash"] = "round_robin"
+    hash_on: Annotated[str, BeforeValidator(_hash_on)] = "ip"
+    hash_load_factor: float = Field(default=1.25, ge=1.0)  # bounded load for hash
+    slow_start: Duration = 10.0  # a recovered target's weight ramps up over this
     targets: list[Target] = Field(min_length=1)
     timeouts: Annotated[Timeouts, _Section] = Field(default_factory=Timeouts)
     pool: Annotated[Pool, _Section] = Field(default_factory=Pool)
     tls: Annotated[UpstreamTLS, _Section] = Field(default_factory=UpstreamTLS)
-    retries: Retries | None = None
-    health: Health | None = None
+    retries: Annotated[Retries, _Section] = Field(default_factory=Retries)
+    health: Annotated[Health, _Section] = Field(default_factory=Health)
+    breaker: Annotated[Breaker, _Section] = Field(default_factory=Breaker)
 
     @field_validator("targets")
     @classmethod
@@ -818,6 +943,38 @@ def _plugins(value: Any) -> Any:
     return value
 
 
+class FaultAbort(BaseModel):
+    model_config = _model()
+
+    status: Int = Field(default=503, ge=200, le=599)
+    percent: Percent = 0.0
+
+
+class FaultDelay(BaseModel):
+    model_config = _model()
+
+    duration: PositiveDuration = 1.0
+    percent: Percent = 0.0
+
+
+class FaultInjection(BaseModel):
+    """For drills: answer ``abort.status`` to ``abort.percent`` of requests, hold
+    ``delay.percent`` of them for ``delay.duration`` before they go upstream."""
+
+    model_config = _model()
+
+    abort: FaultAbort | None = None
+    delay: FaultDelay | None = None
+
+
+class RoutePlugins(BaseModel):
+    """The plugins built so far; other names are parsed and refused as not supported yet."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    fault_injection: FaultInjection | None = None
+
+
 class Route(BaseModel):
     model_config = _model()
 
@@ -829,9 +986,11 @@ class Route(BaseModel):
     rewrite: str | None = None
     host_header: str = "pass"
     max_body_bytes: Size | None = None
-    plugins: Annotated[dict[str, dict[str, Any]], BeforeValidator(_plugins)] = Field(
-        default_factory=dict
+    plugins: Annotated[RoutePlugins, BeforeValidator(_plugins)] = Field(
+        default_factory=RoutePlugins
     )
+    # Retry POST and PATCH even without an Idempotency-Key header (the route says they are safe).
+    retry_non_idempotent: bool = False
 
     @field_validator("name")
     @classmethod

@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 from piuptime.gateway.headers import (
@@ -19,7 +21,7 @@ from piuptime.gateway.headers import (
     upstream_request_fields,
     upstream_request_headers,
 )
-from piuptime.gateway.runtime import CompiledRoute, Runtime, Target
+from piuptime.gateway.runtime import CompiledRoute, Runtime, Target, UpstreamRuntime
 from piuptime.http1.client import (
     ConnectError,
     ConnectTimeout,
@@ -29,7 +31,7 @@ from piuptime.http1.client import (
     Response,
     UpstreamError,
 )
-from piuptime.http1.errors import BodyTimeout, BodyTooLarge, ClientDisconnected
+from piuptime.http1.errors import BodyTooLarge, ClientDisconnected, error_body
 from piuptime.http1.server import Request, Responder
 from piuptime.observe.accesslog import AccessLog, now_iso
 
@@ -39,6 +41,9 @@ _NO_BODY_STATUS = frozenset({204, 304})
 _SMALL_BODY = 64 * 1024
 _HTTPS = b"https"
 _HTTP = b"http"
+# Methods a retry may re-send once the request reached a target (RFC 9110 9.2.2).
+_IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
+_MAX_RETRY_AFTER = 3600.0
 
 
 class RequestIds:
@@ -68,7 +73,7 @@ class ProxyHandler:
     def handle(self, req: Request, resp: Responder) -> Awaitable[None] | None:
         """Route ``req`` and forward it. A bodyless request with an idle pooled connection to
         its target is completed through callbacks (``_Exchange``), without a task; everything
-        else returns the ``_forward`` coroutine for the server to run."""
+        else (bodies, retries, waits) returns the ``_forward`` coroutine for the server to run."""
         rt = self.runtime
         match = rt.router.match(req.method, req.host, req.path, req.headers)
         if match is None:
@@ -77,20 +82,30 @@ class ProxyHandler:
                 "route_not_found",
                 f"no route matches {req.method.decode('latin-1')} {req.path.decode('latin-1')}",
             )
-            self._log(req, resp, None, None, 0, 0.0)
+            self._log(req, resp, None, (), 0.0)
             resp.finish()
             return None
         route: CompiledRoute = match.spec.payload  # type: ignore[assignment]
         if route.max_body_bytes is not None:
             req.max_body_bytes = route.max_body_bytes
+        delay = 0.0
+        if route.fault is not None:
+            fault = route.fault
+            if fault.abort_percent and random.random() < fault.abort_percent:
+                resp.send_error(fault.abort_status, "fault_injected", "aborted by fault_injection")
+                self._log(req, resp, route, (), 0.0)
+                resp.finish()
+                return None
+            if fault.delay_percent and random.random() < fault.delay_percent:
+                delay = fault.delay
         upstream = route.upstream
-        idx = upstream.balancer.pick()
-        if idx is None:
-            resp.send_error(503, "no_target", f"upstream {upstream.name} has no usable target")
-            self._log(req, resp, route, None, 0, 0.0)
+        key = _hash_key(req, upstream.hash_on) if upstream.hash_on is not None else None
+        target = upstream.choose((), key)
+        if target is None:
+            self._no_target(req, resp, route, ())
             resp.finish()
             return None
-        target = upstream.targets[idx]
+        upstream.budget.request()
         host = route.upstream_host(req.host, target)
         proto = _HTTPS if req.tls else _HTTP
         path = route.upstream_path(req.path, req.query, match)
@@ -113,13 +128,14 @@ class ProxyHandler:
                 original_host=req.host,
                 via=rt.via,
             )
-            if not req.has_body:
-                ex = _Exchange(self, req, resp, route, target, rt.via)
+            if not req.has_body and not delay:
+                ex = _Exchange(self, req, resp, route, target, rt.via, key)
                 conn = target.pool.send_nowait(req.method, path, headers, ex.ready)
                 if conn is not None:
                     ex.conn = conn
+                    upstream.begin(target)
                     return None
-        return self._forward(req, resp, route, target, rt.via, path, headers)
+        return self._forward(req, resp, route, target, rt.via, path, headers, key, delay=delay)
 
     async def _forward(
         self,
@@ -130,27 +146,100 @@ class ProxyHandler:
         via: bytes,
         path: bytes,
         headers: list[tuple[bytes, bytes]] | bytes,
+        key: bytes | None,
         pending: PendingExchange | None = None,
         t0: float = 0.0,
+        delay: float = 0.0,
     ) -> None:
-        """The general path: read the body, send, relay the answer (or an error) back."""
+        """The general path: read the body, then attempts until one gives an answer worth
+        relaying, within the retry rules, the budget and the total deadline."""
+        upstream = route.upstream
+        now = self._loop_time
+        deadline = req.start_time + upstream.total_timeout
+        if delay:
+            await asyncio.sleep(delay)  # fault_injection: held before going upstream
+        body = await _request_body(req) if req.has_body else None
+        replayable = body is None or isinstance(body, bytes)
+        idempotent = (
+            req.method in _IDEMPOTENT
+            or route.retry_non_idempotent
+            or _has_header(req.headers, b"idempotency-key")
+        )
+        retries_left = upstream.retries.attempts
+        tried: list[Target] = []
         upstream_time = 0.0
-        try:
-            if pending is not None:
-                up = await pending.wait_response()
+        while True:
+            tried.append(target)
+            error: UpstreamError | None = None
+            up: Response | None = None
+            if pending is None and target.pool.full and target.pool.waiting >= upstream.max_pending:
+                error = _Busy(f"{target.label} has {upstream.max_pending} requests waiting")
+                if target.breaker is not None:
+                    target.breaker.release()
             else:
-                body = await _request_body(req) if req.has_body else None
-                t0 = self._loop_time()
-                up = await target.pool.request(req.method, path, headers, body, req.content_length)
-            upstream_time = self._loop_time() - t0
-        except (BodyTooLarge, BodyTimeout):
-            # The server answers these itself (413/408 with connection: close, since the rest
-            # of the body is unread) and logs them through its on_error hook.
-            raise
-        except UpstreamError as exc:
-            status, code = _upstream_error_status(exc)
-            resp.send_error(status, code, f"upstream {route.upstream.name} ({target.label}): {exc}")
-            self._log(req, resp, route, target, 1, self._loop_time() - req.start_time)
+                if pending is None:
+                    upstream.begin(target)
+                    t0 = now()
+                remaining = deadline - now()
+                try:
+                    async with asyncio.timeout(remaining if remaining > 0 else 0):
+                        if pending is not None:
+                            up = await pending.wait_response()
+                        else:
+                            up = await target.pool.request(
+                                req.method, path, headers, body, req.content_length
+                            )
+                except UpstreamError as exc:
+                    error = exc
+                    upstream.end(target, False, None)
+                except TimeoutError:
+                    upstream.abandon(target)
+                    resp.send_error(
+                        504,
+                        "upstream_timeout",
+                        f"upstream {upstream.name}: no answer within the total timeout "
+                        f"({upstream.total_timeout:g}s) after {len(tried)} attempt(s)",
+                    )
+                    self._log(req, resp, route, tried, upstream_time + now() - t0)
+                    return
+                except BaseException:
+                    upstream.abandon(target)
+                    raise
+                pending = None
+            if up is not None:
+                latency = now() - t0
+                upstream_time += latency
+                status = up.status
+                upstream.end(target, status < 500, latency)
+                if status in upstream.retry_statuses:
+                    wait = _retry_after(up.headers)
+                    if wait is not None:
+                        upstream.hold_off(target, wait)
+                    # the target answered: a non-idempotent body was consumed, never re-sent
+                    if idempotent and replayable and retries_left > 0:
+                        nxt = await self._retry_target(upstream, tried, key, deadline, retries_left)
+                        if nxt is not None:
+                            up.release()
+                            retries_left -= 1
+                            target = nxt
+                            continue
+                break
+            assert error is not None
+            sent = error.request_sent
+            may_retry = not sent or (idempotent and replayable and not error.response_started)
+            if may_retry and retries_left > 0 and (not sent or replayable):
+                # a silent target is not asked again; a reset or refused one may be
+                same_ok = not isinstance(error, ReadTimeout)
+                nxt = await self._retry_target(
+                    upstream, tried, key, deadline, retries_left, same_ok=same_ok
+                )
+                if nxt is not None:
+                    retries_left -= 1
+                    target = nxt
+                    continue
+            status, code = _upstream_error_status(error)
+            resp.send_error(status, code, f"upstream {upstream.name} ({target.label}): {error}")
+            self._log(req, resp, route, tried, upstream_time)
             return
         try:
             if up.status == 101 and req.upgrade is not None:
@@ -159,7 +248,55 @@ class ProxyHandler:
                 upstream_time += await self._relay(req, resp, up, via)
         finally:
             up.release()
-        self._log(req, resp, route, target, 1, upstream_time)
+        self._log(req, resp, route, tried, upstream_time)
+
+    async def _retry_target(
+        self,
+        upstream: UpstreamRuntime,
+        tried: list[Target],
+        key: bytes | None,
+        deadline: float,
+        retries_left: int,
+        *,
+        same_ok: bool = True,
+    ) -> Target | None:
+        """The target of the next attempt, after the backoff: another target when one can take
+        it (else, with ``same_ok``, the same one again); None when there is none, the budget is
+        spent or time is short."""
+        nxt = upstream.choose({t.index for t in tried}, key)
+        if nxt is None and same_ok:
+            nxt = upstream.choose((), key)
+        if nxt is None:
+            return None
+        if not upstream.budget.try_retry():
+            if nxt.breaker is not None:
+                nxt.breaker.release()  # the probe slot choose() reserved goes unused
+            return None
+        cfg = upstream.retries
+        done = cfg.attempts - retries_left  # retries already made
+        wait = random.uniform(0, min(cfg.max_backoff, cfg.backoff * (2**done)))
+        if self._loop_time() + wait >= deadline:
+            if nxt.breaker is not None:
+                nxt.breaker.release()
+            return None
+        await asyncio.sleep(wait)
+        return nxt
+
+    def _no_target(
+        self, req: Request, resp: Responder, route: CompiledRoute, tried: tuple[Target, ...]
+    ) -> None:
+        upstream = route.upstream
+        wait = upstream.retry_after()
+        message = f"upstream {upstream.name} has no target that can take the request now"
+        if wait > 0:
+            resp.send(
+                503,
+                error_body(503, "no_target", message),
+                [(b"retry-after", b"%d" % max(1, round(wait)))],
+            )
+        else:
+            resp.send_error(503, "no_target", message)
+        self._log(req, resp, route, tried, 0.0)
 
     async def _drained_then_log(
         self,
@@ -170,7 +307,7 @@ class ProxyHandler:
         upstream_time: float,
     ) -> None:
         await resp.drain()
-        self._log(req, resp, route, target, 1, upstream_time)
+        self._log(req, resp, route, (target,), upstream_time)
 
     async def _relay(self, req: Request, resp: Responder, up: Response, via: bytes) -> float:
         """Stream the upstream response to the client; returns time spent waiting upstream."""
@@ -236,8 +373,7 @@ class ProxyHandler:
         req: Request,
         resp: Responder,
         route: CompiledRoute | None,
-        target: Target | None,
-        attempts: int,
+        tried: Sequence[Target],
         upstream_time: float,
     ) -> None:
         if not self.access_log.enabled:
@@ -254,8 +390,9 @@ class ProxyHandler:
                 "status": resp.status,
                 "bytes": resp.bytes_sent,
                 "upstream": route.upstream.name if route is not None else None,
-                "target": target.label if target is not None else None,
-                "attempts": attempts,
+                "target": tried[-1].label if tried else None,
+                "attempts": len(tried),
+                "tried": [t.label for t in tried],
                 "cache": None,
                 "total_ms": round(total * 1000, 3),
                 "upstream_ms": round(upstream_time * 1000, 3),
@@ -266,9 +403,10 @@ class ProxyHandler:
 
 class _Exchange:
     """A bodyless request forwarded through callbacks: when the upstream answer arrived whole
-    and small it is written to the client at once; anything else continues in ``_forward``."""
+    and small, and is not one to retry, it is written to the client at once; anything else
+    (a large or streamed body, an error, a retryable status) continues in ``_forward``."""
 
-    __slots__ = ("conn", "handler", "req", "resp", "route", "t0", "target", "via")
+    __slots__ = ("conn", "handler", "key", "req", "resp", "route", "t0", "target", "via")
 
     def __init__(
         self,
@@ -278,6 +416,7 @@ class _Exchange:
         route: CompiledRoute,
         target: Target,
         via: bytes,
+        key: bytes | None,
     ) -> None:
         self.handler = handler
         self.req = req
@@ -285,6 +424,7 @@ class _Exchange:
         self.route = route
         self.target = target
         self.via = via
+        self.key = key
         self.conn: PendingExchange | None = None
         self.t0 = handler._loop_time()
 
@@ -297,16 +437,28 @@ class _Exchange:
             assert conn is not None
             up = conn.complete_response()
             handler = self.handler
-            if up is None:
+            upstream = self.route.upstream
+            if up is None or up.status in upstream.retry_statuses:
+                up = None
                 resp.continue_with(
                     handler._forward(
-                        self.req, resp, self.route, self.target, self.via, b"", [], conn, self.t0
+                        self.req,
+                        resp,
+                        self.route,
+                        self.target,
+                        self.via,
+                        b"",
+                        [],
+                        self.key,
+                        conn,
+                        self.t0,
                     )
                 )
                 return
             upstream_time = handler._loop_time() - self.t0
             req = self.req
             status = up.status
+            upstream.end(self.target, status < 500, upstream_time)
             length = None if up.chunked else up.content_length
             resp.start_fields(
                 status,
@@ -325,7 +477,7 @@ class _Exchange:
                 )
                 return
             if handler.access_log.enabled:
-                handler._log(req, resp, self.route, self.target, 1, upstream_time)
+                handler._log(req, resp, self.route, (self.target,), upstream_time)
         except Exception as exc:
             if up is not None:
                 up.release()
@@ -367,10 +519,57 @@ async def _stream_body(req: Request) -> AsyncIterator[bytes]:
         yield chunk
 
 
+class _Busy(UpstreamError):
+    """The target's connections and waiting room are full (nothing was sent)."""
+
+
+def _has_header(headers: list[tuple[bytes, bytes]], name: bytes) -> bool:
+    return any(n == name for n, _ in headers)
+
+
+def _retry_after(headers: list[tuple[bytes, bytes]]) -> float | None:
+    """Seconds from a ``Retry-After`` header (delta-seconds or an HTTP-date), capped."""
+    for name, value in headers:
+        if name != b"retry-after":
+            continue
+        text = value.decode("latin-1").strip()
+        if text.isdigit():
+            return min(float(text), _MAX_RETRY_AFTER)
+        try:
+            when = parsedate_to_datetime(text)
+        except (TypeError, ValueError):
+            return None
+        return min(max(0.0, when.timestamp() - time.time()), _MAX_RETRY_AFTER)
+    return None
+
+
+def _hash_key(req: Request, hash_on: str) -> bytes | None:
+    """The consistent-hashing key of a request: ip, path, header:<name> or cookie:<name>."""
+    if hash_on == "ip":
+        return req.client_addr.encode()
+    if hash_on == "path":
+        return req.path
+    kind, _, name = hash_on.partition(":")
+    if kind == "header":
+        wanted = name.lower().encode("latin-1")
+        for n, v in req.headers:
+            if n == wanted:
+                return v
+        return None
+    cookie = name.encode("latin-1")
+    for n, v in req.headers:
+        if n == b"cookie":
+            for part in v.split(b";"):
+                k, _, val = part.strip().partition(b"=")
+                if k == cookie:
+                    return val
+    return None
+
+
 def _upstream_error_status(exc: UpstreamError) -> tuple[int, str]:
     if isinstance(exc, ConnectTimeout | ReadTimeout):
         return 504, "upstream_timeout"
-    if isinstance(exc, PoolTimeout):
+    if isinstance(exc, PoolTimeout | _Busy):
         return 503, "upstream_busy"
     if isinstance(exc, ConnectError):
         return 502, "upstream_unreachable"

@@ -116,6 +116,7 @@ class PoolOptions:
     idle_timeout: float = 60.0  # idle connections older than this are closed
     connect_timeout: float = 2.0
     read_timeout: float = 30.0  # time to first response byte, and max gap between body bytes
+    ttfb_timeout: float | None = None  # time to the response head, when not read_timeout
     tls_verify: bool = True
     ca_file: str | None = None
     server_hostname: str | None = None  # SNI and verification name override
@@ -359,6 +360,7 @@ class _Connection(asyncio.Protocol):
         "_te",
         "_timeout",
         "_timer",
+        "_timer_at",
         "_transport",
         "_tunnel",
         "_upgrade",
@@ -396,8 +398,9 @@ class _Connection(asyncio.Protocol):
         self._read_paused = False
         self._write_paused = False
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
         self._last = 0.0
-        self._timeout = pool._options.read_timeout
+        self._timeout = pool._options.ttfb_timeout or pool._options.read_timeout
         # the response head being parsed
         self._interim = False
         self._head_size = 0
@@ -533,6 +536,8 @@ class _Connection(asyncio.Protocol):
             resp._until_eof = True
             resp.keep_alive = False
         self._resp = resp
+        if self._timeout != self._pool._options.read_timeout:
+            self._timeout = self._pool._options.read_timeout  # past the head: the idle limit
         if self._notify is not None and (
             resp._done or resp.content_length is None or resp.content_length > _HIGH_WATER
         ):
@@ -579,6 +584,9 @@ class _Connection(asyncio.Protocol):
         self._got_any = False
         self._error = None
         self._head_size = 0
+        options = self._pool._options
+        if options.ttfb_timeout is not None:
+            self._timeout = options.ttfb_timeout
         if self._closed or self._transport is None:
             error = WriteError("upstream closed the connection before the request was sent")
             error._retry_safe = True
@@ -768,10 +776,16 @@ class _Connection(asyncio.Protocol):
                 self._watch()
 
     def _watch(self) -> None:
-        """Start (or restart) the no-progress clock; one timer per connection, re-armed lazily."""
-        self._last = self._loop.time()
-        if self._timer is None:
-            self._timer = self._loop.call_at(self._last + self._timeout, self._on_timer)
+        """Start (or restart) the no-progress clock; one timer per connection, re-armed lazily
+        (moved earlier only when the limit shrank: a time-to-first-byte below the read limit)."""
+        self._last = now = self._loop.time()
+        due = now + self._timeout
+        timer = self._timer
+        if timer is None or due < self._timer_at:
+            if timer is not None:
+                timer.cancel()
+            self._timer = self._loop.call_at(due, self._on_timer)
+            self._timer_at = due
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -780,6 +794,7 @@ class _Connection(asyncio.Protocol):
         due = self._last + self._timeout
         if due > self._loop.time():
             self._timer = self._loop.call_at(due, self._on_timer)
+            self._timer_at = due
             return
         if self._resp is None and self._body_sent:
             message = f"no response from upstream within {self._timeout:g}s"
@@ -1096,6 +1111,16 @@ class Pool:
     @property
     def idle(self) -> int:
         return len(self._idle)
+
+    @property
+    def waiting(self) -> int:
+        """Requests queued for a connection (``max_connections`` reached)."""
+        return len(self._waiters)
+
+    @property
+    def full(self) -> bool:
+        """Every connection slot is taken: a new request would queue."""
+        return self._open >= self._options.max_connections and not self._idle
 
     async def request(
         self,
