@@ -96,6 +96,8 @@ class App:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self.runtime = compile_runtime(self.config)
+        for upstream in self.runtime.upstreams.values():
+            upstream.start()  # active health checks
         self.access_log.start(loop)
         self.handler = ProxyHandler(self.runtime, self.access_log)
         limits = server_limits(self.config)
@@ -185,6 +187,8 @@ class App:
                 self._reload_failed(reason, f"{self.config_path}: TLS certificate: {exc}")
                 return False
         old = self.runtime
+        for upstream in new_runtime.upstreams.values():
+            upstream.start()  # new or changed upstreams; carried-over ones already run
         self.handler.runtime = new_runtime  # the swap: one assignment
         self.runtime = new_runtime
         self.config = config
