@@ -166,17 +166,17 @@ def test_merged_values_report_their_own_position() -> None:
 # The DESIGN.md example
 
 DESIGN_ISSUES = [
-    "5:1: admin: not supported yet (the admin listener arrives with issue 5); remove it",
-    "18:40: upstreams.sensors.targets[2].backup: backup targets are not supported yet; "
-    "remove backup: true",
-    "20:5: upstreams.sensors.retries: not supported yet; remove it",
-    "21:5: upstreams.sensors.health: not supported yet; remove it",
     "25:1: consumers: not supported yet (consumers arrive with the auth plugins, issue 4)",
     "34:7: routes[0].plugins.key_auth: plugin key_auth: not supported yet (issue 4)",
     "35:7: routes[0].plugins.rate_limit: plugin rate_limit: not supported yet (issue 4)",
     "36:7: routes[0].plugins.cache: plugin cache: not supported yet (issue 4)",
     "38:1: llm: not supported yet (issue 6); remove it",
 ]
+# admin.token is ${PIUPTIME_ADMIN_TOKEN}: an unset variable is an error (fail closed).
+DESIGN_TOKEN_UNSET = (
+    "7:10: admin.token: environment variable PIUPTIME_ADMIN_TOKEN is not set; set it, or write "
+    "${PIUPTIME_ADMIN_TOKEN:-default} to give a default"
+)
 
 DESIGN_ENV = {
     "PIUPTIME_ADMIN_TOKEN": "t",
@@ -191,9 +191,8 @@ def test_design_example_reports_exactly_the_unsupported_sections(env: dict[str, 
     path = EXAMPLES / "design-example.yaml"
     with pytest.raises(ConfigError) as caught:
         load_config(path, env=env)
-    assert [str(issue) for issue in caught.value.errors] == [
-        f"{path}:{line}" for line in DESIGN_ISSUES
-    ]
+    expected = DESIGN_ISSUES if env else [DESIGN_TOKEN_UNSET, *DESIGN_ISSUES]
+    assert [str(issue) for issue in caught.value.errors] == [f"{path}:{line}" for line in expected]
     assert all(issue.file == str(path) for issue in caught.value.errors)
 
 
@@ -331,15 +330,13 @@ CASES = [
     ("plugin", UPSTREAM + "routes:\n"
      "  - {name: r, match: {path: /}, upstream: app, plugins: {key_auth: }}\n",
      "t.yaml:6:58: routes[0].plugins.key_auth: plugin key_auth: not supported yet (issue 4)"),
-    ("balance not built", "upstreams:\n  app:\n    balance: ewma\n    targets: ['http://h']\n",
-     "t.yaml:3:14: upstreams.app.balance: ewma: not supported yet; only round_robin is built "
-     "so far"),
     ("redis", "store:\n  redis: redis://localhost:6379/0\n",
      "t.yaml:2:3: store.redis: not supported yet (state is kept in this process for now); "
      "set it to null"),
-    ("admin", "admin: {}\n",
-     "t.yaml:1:1: admin: not supported yet (the admin listener arrives with issue 5); "
-     "remove it"),
+    ("admin off loopback without a token", "admin:\n  listen: 0.0.0.0:9180\n",
+     "t.yaml:2:11: admin.listen: the admin listener on 0.0.0.0:9180 would be reachable from "
+     "other machines without a token; set admin.token (e.g. token: ${PIUPTIME_ADMIN_TOKEN}) or "
+     "listen on a loopback address such as 127.0.0.1:9180"),
     ("duplicate key", "gateway:\n  via: a\n  via: b\n",
      "t.yaml:3:3: gateway.via: duplicate key 'via' (first at line 2); YAML would silently "
      "keep only the last one, so remove one of them"),
@@ -684,12 +681,13 @@ def test_validate_main_singular(tmp_path: Path) -> None:
     assert out.getvalue() == f"{path}: OK (1 route, 1 upstream)\n"
 
 
-def test_validate_main_prints_every_issue() -> None:
+def test_validate_main_prints_every_issue(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PIUPTIME_ADMIN_TOKEN", raising=False)
     out = io.StringIO()
     path = str(EXAMPLES / "design-example.yaml")
     assert validate_main(path, out) == 1
     lines = out.getvalue().splitlines()
-    assert len(lines) == len(DESIGN_ISSUES)
+    assert len(lines) == len(DESIGN_ISSUES) + 1  # + the unset PIUPTIME_ADMIN_TOKEN
     assert all(line.startswith(f"{path}:") for line in lines)
 
 
