@@ -129,7 +129,7 @@ class ProxyHandler:
                 via=rt.via,
             )
             if not req.has_body and not delay:
-                ex = _Exchange(self, req, resp, route, target, rt.via, key)
+                ex = _Exchange(self, req, resp, route, target, rt.via, key, path, headers)
                 conn = target.pool.send_nowait(req.method, path, headers, ex.ready)
                 if conn is not None:
                     ex.conn = conn
@@ -406,7 +406,19 @@ class _Exchange:
     and small, and is not one to retry, it is written to the client at once; anything else
     (a large or streamed body, an error, a retryable status) continues in ``_forward``."""
 
-    __slots__ = ("conn", "handler", "key", "req", "resp", "route", "t0", "target", "via")
+    __slots__ = (
+        "conn",
+        "handler",
+        "headers",
+        "key",
+        "path",
+        "req",
+        "resp",
+        "route",
+        "t0",
+        "target",
+        "via",
+    )
 
     def __init__(
         self,
@@ -417,6 +429,8 @@ class _Exchange:
         target: Target,
         via: bytes,
         key: bytes | None,
+        path: bytes,
+        headers: bytes,
     ) -> None:
         self.handler = handler
         self.req = req
@@ -425,6 +439,8 @@ class _Exchange:
         self.target = target
         self.via = via
         self.key = key
+        self.path = path  # kept for a retry on another target
+        self.headers = headers
         self.conn: PendingExchange | None = None
         self.t0 = handler._loop_time()
 
@@ -447,8 +463,8 @@ class _Exchange:
                         self.route,
                         self.target,
                         self.via,
-                        b"",
-                        [],
+                        self.path,
+                        self.headers,
                         self.key,
                         conn,
                         self.t0,
