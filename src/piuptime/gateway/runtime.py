@@ -107,7 +107,7 @@ class UpstreamRuntime:
         self.retries = config.retries
         self.retry_statuses = frozenset(config.retries.statuses)
         self.budget = RetryBudget(
-            config.retries.budget, min_per_second=config.retries.min_per_second
+            config.retries.budget, min_per_second=config.retries.min_per_second, clock=_CLOCK
         )
         self.slow_start = config.slow_start
         health = config.health
@@ -136,6 +136,7 @@ class UpstreamRuntime:
                     open_for=b.open_for,
                     max_open_for=b.max_open_for,
                     half_open_probes=b.half_open_probes,
+                    clock=_CLOCK,
                 )
                 if b.enabled
                 else None
@@ -160,6 +161,7 @@ class UpstreamRuntime:
                 eject_for=passive.eject_for,
                 max_eject_multiplier=passive.max_eject_multiplier,
                 max_ejected=passive.max_ejected,
+                clock=_CLOCK,
             )
             if passive.enabled
             else None
