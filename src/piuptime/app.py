@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from piuptime.admin import AdminServer
 from piuptime.config import Config, ConfigError, load_config
 from piuptime.config.schema import Listener
 from piuptime.gateway.proxy import ProxyHandler
@@ -81,6 +82,7 @@ class App:
         self.notifier = notifier or Notifier()
         self.watch_interval = watch_interval
         self.servers: list[Server] = []
+        self.admin: AdminServer | None = None  # the admin listener, when config.admin is set
         self.reloads = ReloadStats()
         self.runtime: Runtime | None = None
         self.handler: ProxyHandler | None = None
@@ -107,6 +109,9 @@ class App:
             await server.listen(listener.host, listener.port)
             self.servers.append(server)
             self._tls.append(ctx)
+        if self.config.admin is not None:
+            self.admin = AdminServer(self, self.config.admin)
+            await self.admin.start()
         self.notifier.ready(f"serving on {', '.join(self.addresses())}")
         self.notifier.start_watchdog(loop)
         if self.config_path is not None and self.watch_interval > 0:
@@ -197,6 +202,10 @@ class App:
             server.limits = limits
         if config.gateway.access_log.path != self.access_log.path:
             log.warning("gateway.access_log changed; restart the process to apply it")
+        if self.admin is not None:
+            self.admin.reconfigure(config.admin)  # a new token applies; a new address warns
+        elif config.admin is not None:
+            log.warning("admin section added; restart the process to start the admin listener")
         for upstream in retired_upstreams(old, new_runtime):
             asyncio.get_running_loop().create_task(upstream.aclose())
         self.reloads.succeeded += 1
@@ -258,6 +267,8 @@ class App:
             log.warning("drain timeout (%.1fs) reached; closing remaining connections", timeout)
         for server in self.servers:
             server.abort_all()
+        if self.admin is not None:
+            await self.admin.aclose()
         if self.runtime is not None:
             for upstream in self.runtime.upstreams.values():
                 await upstream.aclose()

@@ -20,6 +20,7 @@ commands:
   run        serve with a config file (default ./piuptime.yaml)
   demo       start three demo devices on loopback and the gateway in front of them
   validate   check a config file and print every error as file:line:column
+  status     show upstreams, targets and their health from a running gateway
   version    print the version
 """
 
@@ -79,6 +80,39 @@ def _parser() -> argparse.ArgumentParser:
     val.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="config file to check")
     val.add_argument("file", nargs="?", help="config file (same as -c)")
 
+    status = sub.add_parser(
+        "status",
+        help="show what a running gateway sees: upstreams, targets, health",
+        description="Ask a running gateway's admin listener (GET /status) for its live state and "
+        "print one table per upstream: each target's backup flag, health (and active check), "
+        "ejection, circuit breaker, requests in flight, latency average (EWMA) and request/"
+        "failure counts. The gateway must run with an admin: section; its address and token "
+        "come from the config unless --admin / --token are given.",
+        epilog="The token is, in order: --token, admin.token from the config (after ${VAR} "
+        "expansion), $PIUPTIME_ADMIN_TOKEN. Exit status: 0 on success, 1 when the admin "
+        "listener cannot be reached, refuses the token (401) or the config has no admin: "
+        "section.",
+    )
+    status.add_argument(
+        "-c",
+        "--config",
+        default=os.environ.get("PIUPTIME_CONFIG", DEFAULT_CONFIG),
+        help="config file the gateway runs with, for admin.listen and admin.token "
+        "(default: $PIUPTIME_CONFIG or ./piuptime.yaml)",
+    )
+    status.add_argument(
+        "--admin",
+        metavar="URL",
+        help="admin listener to ask, e.g. http://127.0.0.1:9180 or 127.0.0.1:9180 "
+        "(default: admin.listen from the config)",
+    )
+    status.add_argument(
+        "--token",
+        help="bearer token for the admin listener (default: admin.token, then "
+        "$PIUPTIME_ADMIN_TOKEN, which other users cannot see in ps)",
+    )
+    status.add_argument("--json", action="store_true", help="print the raw /status JSON")
+
     sub.add_parser("version", help="print the version")
     return p
 
@@ -100,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
         from piuptime.config.load import validate_main
 
         return validate_main(args.file or args.config, sys.stdout)
+    if args.command == "status":
+        from piuptime.admin.client import status_main
+
+        return status_main(args.config, args.admin, args.token, args.json, sys.stdout, sys.stderr)
     if args.command == "demo":
         _setup_logging(args.log_level)
         from piuptime.demo.run import main as demo_main
