@@ -69,9 +69,30 @@ async def test_retry_resends_a_bytes_body() -> None:
     async with Server(first_then(close_on_request, echo)) as server:
         pool = server.pool()
         assert await get(pool) == b"ok"
-        assert await get(pool, method=b"POST", body=b"payload") == b"payload"
+        assert await get(pool, method=b"PUT", body=b"payload") == b"payload"
+        # a POST the caller declares idempotent (an Idempotency-Key, say) is re-sent too
+        echo2 = Echo()
+        async with Server(first_then(close_on_request, echo2)) as server2:
+            pool2 = server2.pool()
+            assert await get(pool2) == b"ok"
+            assert await get(pool2, method=b"POST", body=b"p", idempotent=True) == b"p"
+            await pool2.aclose()
         assert echo.bodies == [b"payload"]
         assert server.accepts == 2
+        await pool.aclose()
+
+
+async def test_no_resend_of_a_written_post_on_a_stale_connection() -> None:
+    """The upstream may have acted on a POST before its connection died: not sent twice."""
+    echo = Echo()
+    async with Server(first_then(close_on_request, echo)) as server:
+        pool = server.pool()
+        assert await get(pool) == b"ok"
+        with pytest.raises(RemoteProtocolError) as info:
+            await get(pool, method=b"POST", body=b"payload")
+        assert info.value.request_sent and not info.value.response_started
+        assert echo.bodies == []
+        assert server.accepts == 1
         await pool.aclose()
 
 

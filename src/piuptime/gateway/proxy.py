@@ -130,7 +130,9 @@ class ProxyHandler:
             )
             if not req.has_body and not delay:
                 ex = _Exchange(self, req, resp, route, target, rt.via, key, path, headers)
-                conn = target.pool.send_nowait(req.method, path, headers, ex.ready)
+                conn = target.pool.send_nowait(
+                    req.method, path, headers, ex.ready, _idempotent(req, route)
+                )
                 if conn is not None:
                     ex.conn = conn
                     upstream.begin(target)
@@ -160,11 +162,7 @@ class ProxyHandler:
             await asyncio.sleep(delay)  # fault_injection: held before going upstream
         body = await _request_body(req) if req.has_body else None
         replayable = body is None or isinstance(body, bytes)
-        idempotent = (
-            req.method in _IDEMPOTENT
-            or route.retry_non_idempotent
-            or _has_header(req.headers, b"idempotency-key")
-        )
+        idempotent = _idempotent(req, route)
         retries_left = upstream.retries.attempts
         tried: list[Target] = []
         upstream_time = 0.0
@@ -187,7 +185,7 @@ class ProxyHandler:
                             up = await pending.wait_response()
                         else:
                             up = await target.pool.request(
-                                req.method, path, headers, body, req.content_length
+                                req.method, path, headers, body, req.content_length, idempotent
                             )
                 except UpstreamError as exc:
                     error = exc
@@ -539,8 +537,13 @@ class _Busy(UpstreamError):
     """The target's connections and waiting room are full (nothing was sent)."""
 
 
-def _has_header(headers: list[tuple[bytes, bytes]], name: bytes) -> bool:
-    return any(n == name for n, _ in headers)
+def _idempotent(req: Request, route: CompiledRoute) -> bool:
+    """May the request be sent twice (RFC 9110 9.2.2, an Idempotency-Key, or the route says)?"""
+    return (
+        req.method in _IDEMPOTENT
+        or route.retry_non_idempotent
+        or any(n == b"idempotency-key" for n, _ in req.headers)
+    )
 
 
 def _retry_after(headers: list[tuple[bytes, bytes]]) -> float | None:

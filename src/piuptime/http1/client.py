@@ -49,6 +49,8 @@ _MAX_HEAD = 64 * 1024
 # A bytes request body up to this size is joined with the head into a single write.
 _INLINE_BODY = 64 * 1024
 _BODY_METHODS = frozenset((b"POST", b"PUT", b"PATCH"))
+# Methods the stale-connection retry may re-send once they were written (RFC 9110 9.2.2).
+_IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"))
 _VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}
 _WATCHED_HEADERS = frozenset((b"content-length", b"transfer-encoding", b"connection", b"upgrade"))
 
@@ -341,6 +343,7 @@ class _Connection(asyncio.Protocol):
         "_head_size",
         "_head_waiter",
         "_headers",
+        "_idempotent",
         "_idle_since",
         "_interim",
         "_is_head",
@@ -394,6 +397,7 @@ class _Connection(asyncio.Protocol):
         self._notify: Callable[[], None] | None = None
         self._fire = False
         self._req_head = b""
+        self._idempotent = True
         # flow control and the read timer
         self._read_paused = False
         self._write_paused = False
@@ -758,7 +762,14 @@ class _Connection(asyncio.Protocol):
         self._notify = None
         self._fire = False
         return await self._pool._exchange(
-            self, self._req_head, None, False, None, self._is_head, True, sent=True
+            self,
+            self._req_head,
+            None,
+            False,
+            None,
+            self._is_head,
+            (True, self._idempotent),
+            sent=True,
         )
 
     # ---- flow control and the read timer
@@ -1129,6 +1140,7 @@ class Pool:
         headers: list[tuple[bytes, bytes]] | bytes,
         body: bytes | AsyncIterator[bytes] | None = None,
         content_length: int | None = None,
+        idempotent: bool | None = None,
     ) -> Response:
         """Send a request and return the response once its head arrived.
 
@@ -1138,11 +1150,14 @@ class Pool:
         an async-iterator body is sent with ``content-length`` when one is given (argument or
         header), otherwise chunked. A request that fails on a reused connection because the
         upstream had closed it, before any response byte and with a replayable body, is sent
-        once more on a fresh connection.
+        once more on a fresh connection — once it was written, only when ``idempotent``
+        (default: the method is), since the upstream may have acted on it before it died.
         """
         head, chunked, length = _build_head(method, target, headers, body, content_length)
         is_head = method == b"HEAD"
-        replayable = body is None or isinstance(body, bytes)
+        if idempotent is None:
+            idempotent = method in _IDEMPOTENT
+        replayable = (body is None or isinstance(body, bytes), idempotent)
         conn = self._pop_idle() if self._idle else None
         if conn is None:
             conn = await self._acquire(fresh=False)
@@ -1156,6 +1171,7 @@ class Pool:
         target: bytes,
         headers: list[tuple[bytes, bytes]] | bytes,
         on_ready: Callable[[], None],
+        idempotent: bool | None = None,
     ) -> _Connection | None:
         """Send a bodyless request at once on an idle keep-alive connection, if there is one.
 
@@ -1179,6 +1195,7 @@ class Pool:
             self._retire(conn)
             return None
         conn._req_head = head
+        conn._idempotent = method in _IDEMPOTENT if idempotent is None else idempotent
         conn._notify = on_ready
         conn.write_request(head, None, False)
         return conn
@@ -1191,7 +1208,7 @@ class Pool:
         chunked: bool,
         length: int | None,
         is_head: bool,
-        replayable: bool,
+        replayable: tuple[bool, bool],
         *,
         sent: bool,
     ) -> Response:
@@ -1217,7 +1234,13 @@ class Pool:
                 return resp
             except UpstreamError as exc:
                 self._retire(conn)
-                if not (exc._retry_safe and conn._uses > 1 and replayable):
+                body_ok, idempotent = replayable
+                if not (
+                    exc._retry_safe
+                    and conn._uses > 1
+                    and body_ok
+                    and (idempotent or not exc.request_sent)
+                ):
                     raise
             except BaseException:
                 self._retire(conn)
