@@ -6,17 +6,17 @@ import asyncio
 import collections
 import json
 import os
+import shlex
 import signal
 import subprocess
+import threading
+from typing import IO
 
 from tests.support import fetch, free_port, piuptime_cmd, process, python_env, wait_until
 
 
 async def test_demo_serves_spreads_load_and_stops_cleanly() -> None:
-    port = free_port()
-    device_port = free_port()
-    while any(not _free(device_port + i) for i in range(3)):
-        device_port = free_port()
+    port, device_port = _demo_ports()
     with process(
         piuptime_cmd("demo", "--port", str(port), "--device-port", str(device_port)),
         env=python_env(),
@@ -44,6 +44,30 @@ async def test_demo_serves_spreads_load_and_stops_cleanly() -> None:
             await wait_until(lambda i=i: _free(device_port + i), 10, "devices stopped")
 
 
+def _demo_ports() -> tuple[int, int]:
+    """A gateway port and a first device port, with the two after it, that the demo can bind
+    (the demo refuses to start otherwise): free now, and distinct."""
+    while True:
+        port, device_port = free_port(), free_port()
+        ports = {port, device_port, device_port + 1, device_port + 2}
+        if len(ports) == 4 and all(_bindable(p) for p in ports):
+            return port, device_port
+
+
+def _bindable(port: int) -> bool:
+    """What the demo checks: a bind with SO_REUSEADDR (an outgoing connection's local port, or
+    a listener, makes it fail)."""
+    import socket
+
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def _listening(port: int) -> bool:
     import socket
 
@@ -53,3 +77,65 @@ def _listening(port: int) -> bool:
 
 def _free(port: int) -> bool:
     return not _listening(port)
+
+
+async def test_demo_banner_kill_line_moves_the_traffic_and_status_shows_it() -> None:
+    """Follow the banner: ``kill -9 <pid>`` of a device, no request fails, and the printed
+    ``piuptime status`` line shows that device out of service."""
+    port, device_port = _demo_ports()
+    with process(
+        piuptime_cmd("demo", "--port", str(port), "--device-port", str(device_port)),
+        env=python_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    ) as proc:
+        assert proc.stderr is not None
+        banner: list[str] = []
+        reader = threading.Thread(target=_read_lines, args=(proc.stderr, banner), daemon=True)
+        reader.start()
+
+        def up() -> bool:
+            if proc.poll() is not None:
+                raise AssertionError(f"demo exited with {proc.returncode}: {''.join(banner)}")
+            return _listening(port)
+
+        await wait_until(up, 15, "demo gateway")
+        await wait_until(lambda: any("Ctrl-C" in line for line in banner), 5, "the banner")
+        kill = [line.split() for line in banner if line.strip().startswith("kill -9 ")]
+        assert len(kill) == 1, banner
+        pid = int(kill[0][2])
+        # The pid printed is the one pi-2 reports in its answers.
+        pids = {}
+        for _ in range(4):
+            r = await fetch(port, "/sensors/t")
+            pids[json.loads(r.body)["device"]] = json.loads(r.body)["pid"]
+        assert pids["pi-2"] == pid
+        (status_line,) = [line for line in banner if " status -c " in line]
+        os.kill(pid, signal.SIGKILL)
+        answered = collections.Counter()
+        for _ in range(12):
+            r = await fetch(port, "/sensors/t")
+            assert r.status == 200, r
+            answered[json.loads(r.body)["device"]] += 1
+        assert "pi-2" not in answered
+        out = await asyncio.to_thread(
+            subprocess.run,
+            [*shlex.split(status_line), "--json"],
+            capture_output=True,
+            text=True,
+            env=python_env(),
+            timeout=20,
+        )
+        assert out.returncode == 0, out.stderr
+        targets = json.loads(out.stdout)["upstreams"]["devices"]["targets"]
+        (pi2,) = [t for t in targets if t["url"] == f"http://127.0.0.1:{device_port + 1}"]
+        assert pi2["ejected"] or not pi2["healthy"], pi2
+        os.killpg(proc.pid, signal.SIGINT)
+        assert await asyncio.to_thread(proc.wait, 15) == 0
+        reader.join(5)
+
+
+def _read_lines(stream: IO[bytes], into: list[str]) -> None:
+    for line in stream:
+        into.append(line.decode(errors="replace"))

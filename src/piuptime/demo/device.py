@@ -4,6 +4,16 @@ Endpoints: ``/`` and ``/sensors/...`` (a JSON reading from this device), ``/heal
 ``POST /echo`` (echoes the body), ``/stream`` (a chunked response in several writes),
 ``/slow?ms=N`` (answers after N ms).
 
+For failure drills and tests:
+
+- ``--record FILE`` appends one JSON line per request it receives (``device``, ``pid``,
+  ``method``, ``path``, ``body``), written before the answer, so a test can count the attempts a
+  device saw and check which request bodies reached it, even after the device was killed.
+- ``--status N`` answers every request but ``/healthz`` with status N (a device whose service is
+  failing while the device itself is up); ``--retry-after S`` adds ``Retry-After: S`` to those.
+- ``--allow-crash`` turns on ``POST /crash``: the device reads the body, records it, then exits at
+  once (exit code 1) without answering, like a process that dies mid-request.
+
 Run: ``python -m piuptime.demo.device --name pi-1 --port 9001``.
 """
 
@@ -15,6 +25,7 @@ import math
 import os
 import signal
 import time
+from typing import Any
 from urllib.parse import parse_qs
 
 import orjson
@@ -26,10 +37,42 @@ JSON = b"application/json"
 
 
 class Device:
-    def __init__(self, name: str) -> None:
+    def __init__(
+        self,
+        name: str,
+        *,
+        record: str | None = None,
+        status: int | None = None,
+        retry_after: str | None = None,
+        allow_crash: bool = False,
+    ) -> None:
         self.name = name
         self.started = time.time()
         self.requests = 0
+        self.status = status
+        self.retry_after = retry_after.encode() if retry_after else None
+        self.allow_crash = allow_crash
+        # O_APPEND and one write per line: whole lines even when a restarted device (same file)
+        # or a reader races with it, and nothing is lost to a buffer when the process is killed.
+        self._record_fd = (
+            os.open(record, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            if record is not None
+            else None
+        )
+        self._pid = os.getpid()
+
+    def _record(self, req: Request, path: str, body: bytes) -> None:
+        assert self._record_fd is not None
+        line = orjson.dumps(
+            {
+                "device": self.name,
+                "pid": self._pid,
+                "method": req.method.decode("latin-1"),
+                "path": path,
+                "body": body.decode("latin-1"),
+            }
+        )
+        os.write(self._record_fd, line + b"\n")
 
     def reading(self, path: str) -> dict[str, object]:
         # A slowly drifting simulated sensor so successive answers visibly differ by device.
@@ -48,13 +91,26 @@ class Device:
         self.requests += 1
         path = req.path.decode("latin-1")
         name = self.name.encode()
-        if path == "/healthz":
-            resp.send(200, b'{"status":"ok"}', [(b"x-device", name)])
-        elif path == "/echo":
+        body = b""
+        if req.has_body:
             parts = []
             while chunk := await req.read():
                 parts.append(chunk)
             body = b"".join(parts)
+        if self._record_fd is not None:
+            self._record(req, path, body)
+        if path == "/healthz":
+            resp.send(200, b'{"status":"ok"}', [(b"x-device", name)])
+        elif self.status is not None:
+            headers = [(b"x-device", name)]
+            if self.retry_after is not None:
+                headers.append((b"retry-after", self.retry_after))
+            resp.send(
+                self.status, orjson.dumps({"device": self.name, "status": self.status}), headers
+            )
+        elif path == "/crash" and self.allow_crash and req.method == b"POST":
+            os._exit(1)  # dies holding the request: no answer, the connection is reset
+        elif path == "/echo":
             ctype = dict(req.headers).get(b"content-type", b"application/octet-stream")
             resp.send(200, body, [(b"x-device", name)], content_type=ctype)
         elif path == "/stream":
@@ -71,8 +127,8 @@ class Device:
             resp.send(200, orjson.dumps(self.reading(path)), [(b"x-device", name)])
 
 
-async def serve(name: str, host: str, port: int) -> None:
-    device = Device(name)
+async def serve(name: str, host: str, port: int, **options: Any) -> None:
+    device = Device(name, **options)
     server = Server(device.handle, ServerLimits())
     await server.listen(host, port)
     stop = asyncio.Event()
@@ -91,8 +147,39 @@ def main() -> None:
     parser.add_argument("--name", default="pi-1")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=9001)
+    parser.add_argument(
+        "--record",
+        metavar="FILE",
+        help="append one JSON line per request received (method, path, body) to FILE",
+    )
+    parser.add_argument(
+        "--status",
+        type=int,
+        metavar="N",
+        help="answer every request but /healthz with status N (a failing service)",
+    )
+    parser.add_argument(
+        "--retry-after",
+        metavar="SECONDS",
+        help="with --status: add Retry-After: SECONDS to those answers",
+    )
+    parser.add_argument(
+        "--allow-crash",
+        action="store_true",
+        help="POST /crash reads and records its body, then the process exits without answering",
+    )
     args = parser.parse_args()
-    uvloop.run(serve(args.name, args.host, args.port))
+    uvloop.run(
+        serve(
+            args.name,
+            args.host,
+            args.port,
+            record=args.record,
+            status=args.status,
+            retry_after=args.retry_after,
+            allow_crash=args.allow_crash,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -14,6 +16,7 @@ from piuptime.app import App
 from piuptime.config import load_config
 
 DEVICES = ("pi-1", "pi-2", "pi-3")
+ADMIN_PORT = 9180  # the admin listener's usual port; another free one when it is taken
 
 CONFIG = """\
 # Written by `piuptime demo`. Edit and save: the gateway reloads it without a restart.
@@ -22,6 +25,9 @@ gateway:
   access_log: {{path: stdout}}
   drain_timeout: 5s
 
+admin:
+  listen: 127.0.0.1:{admin_port}      # `piuptime status -c <this file>` asks it
+
 upstreams:
   devices:
     balance: round_robin
@@ -29,7 +35,11 @@ upstreams:
       - {{url: "http://127.0.0.1:{p1}", weight: 2}}
       - {{url: "http://127.0.0.1:{p2}"}}
       - {{url: "http://127.0.0.1:{p3}"}}
-    timeouts: {{connect: 1s, read: 10s}}
+    timeouts: {{connect: 1s, ttfb: 2s, read: 10s}}
+    retries: {{attempts: 1}}            # a failed GET is tried once more, on another device
+    health:
+      active: {{path: /healthz, interval: 2s, timeout: 1s, healthy_after: 2, unhealthy_after: 2}}
+      passive: {{consecutive_failures: 3, eject_for: 10s}}
 
 routes:
   - name: sensors
@@ -56,6 +66,25 @@ def _port_free(host: str, port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+def _any_free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _self_command() -> str:
+    """How to run this piuptime from another terminal: ``piuptime`` when that is what a shell
+    finds, else the script's absolute path (a virtualenv another shell has not activated), else
+    ``python -m piuptime``."""
+    found = shutil.which("piuptime")
+    if found is None:
+        return f"{shlex.quote(sys.executable)} -m piuptime"
+    in_venv = sys.prefix != sys.base_prefix
+    if in_venv and Path(found).resolve().is_relative_to(Path(sys.prefix).resolve()):
+        return shlex.quote(found)
+    return "piuptime"
 
 
 def _wait_listening(port: int, proc: subprocess.Popen[bytes], deadline: float) -> None:
@@ -100,8 +129,11 @@ def main(port: int = 8080, device_port: int = 9001) -> int:
         deadline = time.monotonic() + 10
         for p, proc in zip(ports, procs, strict=True):
             _wait_listening(p, proc, deadline)
+        admin_port = ADMIN_PORT if _port_free("127.0.0.1", ADMIN_PORT) else _any_free_port()
         config_path = workdir / "piuptime.yaml"
-        config_path.write_text(CONFIG.format(port=port, p1=ports[0], p2=ports[1], p3=ports[2]))
+        config_path.write_text(
+            CONFIG.format(port=port, admin_port=admin_port, p1=ports[0], p2=ports[1], p3=ports[2])
+        )
         config = load_config(config_path)
         _print_banner(port, ports, procs, config_path)
         import uvloop
@@ -139,6 +171,12 @@ def _print_banner(
         f"    {name}  http://127.0.0.1:{p}  (pid {proc.pid})"
         for name, p, proc in zip(DEVICES, ports, procs, strict=True)
     )
+    piuptime = _self_command()
+    victim, victim_port, victim_pid = DEVICES[1], ports[1], procs[1].pid
+    restart = (
+        f"{shlex.quote(sys.executable)} -m piuptime.demo.device --name {victim} "
+        f"--port {victim_port}"
+    )
     print(
         f"""
 piuptime demo is running.
@@ -154,6 +192,17 @@ Try (in another terminal):
   curl -sN {gw}/stream                    # a streamed (chunked) answer
   curl -s {gw}/device/healthz             # strip_prefix: the device sees /healthz
   curl -s {gw}/nope                       # no route: 404 with a JSON body
+
+Failover: kill a device and watch its traffic move to the others, without a failed request.
+  # terminal 2: one line per request (the answering device, then the status)
+  while sleep 0.3; do curl -s -w ' %{{http_code}}\\n' {gw}/sensors/t; done
+  # terminal 3: {victim} dies; then ask the gateway what it sees (ejected, unhealthy, counts)
+  kill -9 {victim_pid}
+  {piuptime} status -c {config_path}
+  # bring {victim} back on its port: health checks return it, ramping up over 10 s
+  {restart}
+  # or make a device hang instead: its answers time out (ttfb 2s) and it is ejected
+  kill -STOP <pid>; kill -CONT <pid>
 
 The config is {config_path}
 Edit and save it (or `kill -HUP <gateway pid>`): the gateway reloads without dropping a request.
