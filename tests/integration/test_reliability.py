@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from tests.support import RawClient, SeenRequest, Upstream, fetch, start_app
+from tests.support import RawClient, SeenRequest, Upstream, fetch, start_app, wait_until
 
 
 @pytest.fixture
@@ -241,5 +241,27 @@ async def test_hash_on_header_keeps_a_key_on_one_target(ups: list[Upstream]) -> 
             assert len(bodies) == 1
             owners[dev] = bodies.pop()
         assert len(set(owners.values())) >= 2
+    finally:
+        await app.stop()
+
+
+async def test_full_target_answers_503_busy(ups: list[Upstream]) -> None:
+    release = asyncio.Event()
+
+    async def slow(req: SeenRequest, w: asyncio.StreamWriter) -> None:
+        await release.wait()
+        w.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        await w.drain()
+
+    ups[0].handler = slow
+    upstream = "pool: {max_connections: 1, max_pending: 0}\nretries: {attempts: 0}"
+    app, port = await start_app(config([ups[0].port], upstream=upstream))
+    try:
+        first = asyncio.ensure_future(fetch(port, "/a"))
+        await wait_until(lambda: len(ups[0].seen) == 1, 5, "the first request upstream")
+        r = await fetch(port, "/b")
+        assert r.status == 503 and b'"upstream_busy"' in r.body
+        release.set()
+        assert (await first).status == 200
     finally:
         await app.stop()
