@@ -23,6 +23,7 @@ from piuptime.gateway.headers import (
 )
 from piuptime.gateway.runtime import CompiledRoute, Runtime, Target, UpstreamRuntime
 from piuptime.http1.client import (
+    IDEMPOTENT_METHODS,
     ConnectError,
     ConnectTimeout,
     PendingExchange,
@@ -41,8 +42,6 @@ _NO_BODY_STATUS = frozenset({204, 304})
 _SMALL_BODY = 64 * 1024
 _HTTPS = b"https"
 _HTTP = b"http"
-# Methods a retry may re-send once the request reached a target (RFC 9110 9.2.2).
-_IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 _MAX_RETRY_AFTER = 3600.0
 
 
@@ -225,7 +224,7 @@ class ProxyHandler:
             assert error is not None
             sent = error.request_sent
             may_retry = not sent or (idempotent and replayable and not error.response_started)
-            if may_retry and retries_left > 0 and (not sent or replayable):
+            if may_retry and retries_left > 0:
                 # a silent target is not asked again; a reset or refused one may be
                 same_ok = not isinstance(error, ReadTimeout)
                 nxt = await self._retry_target(
@@ -540,7 +539,7 @@ class _Busy(UpstreamError):
 def _idempotent(req: Request, route: CompiledRoute) -> bool:
     """May the request be sent twice (RFC 9110 9.2.2, an Idempotency-Key, or the route says)?"""
     return (
-        req.method in _IDEMPOTENT
+        req.method in IDEMPOTENT_METHODS
         or route.retry_non_idempotent
         or any(n == b"idempotency-key" for n, _ in req.headers)
     )

@@ -49,8 +49,8 @@ _MAX_HEAD = 64 * 1024
 # A bytes request body up to this size is joined with the head into a single write.
 _INLINE_BODY = 64 * 1024
 _BODY_METHODS = frozenset((b"POST", b"PUT", b"PATCH"))
-# Methods the stale-connection retry may re-send once they were written (RFC 9110 9.2.2).
-_IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"))
+# Methods that may be sent twice once they were written (RFC 9110 9.2.2).
+IDEMPOTENT_METHODS = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"))
 _VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}
 _WATCHED_HEADERS = frozenset((b"content-length", b"transfer-encoding", b"connection", b"upgrade"))
 
@@ -768,7 +768,8 @@ class _Connection(asyncio.Protocol):
             False,
             None,
             self._is_head,
-            (True, self._idempotent),
+            True,
+            self._idempotent,
             sent=True,
         )
 
@@ -995,16 +996,7 @@ def _build_head(
     if isinstance(headers, bytes):
         if body is None and not content_length:
             if method in _BODY_METHODS:
-                return (
-                    b"%s %s HTTP/1.1\r\n%scontent-length: 0\r\n\r\n"
-                    % (
-                        method,
-                        target,
-                        headers,
-                    ),
-                    False,
-                    None,
-                )
+                headers += b"content-length: 0\r\n"
             return b"%s %s HTTP/1.1\r\n%s\r\n" % (method, target, headers), False, None
         parts = [method, b" ", target, b" HTTP/1.1\r\n", headers]
         append = parts.append
@@ -1156,13 +1148,13 @@ class Pool:
         head, chunked, length = _build_head(method, target, headers, body, content_length)
         is_head = method == b"HEAD"
         if idempotent is None:
-            idempotent = method in _IDEMPOTENT
-        replayable = (body is None or isinstance(body, bytes), idempotent)
+            idempotent = method in IDEMPOTENT_METHODS
+        replayable = body is None or isinstance(body, bytes)
         conn = self._pop_idle() if self._idle else None
         if conn is None:
             conn = await self._acquire(fresh=False)
         return await self._exchange(
-            conn, head, body, chunked, length, is_head, replayable, sent=False
+            conn, head, body, chunked, length, is_head, replayable, idempotent, sent=False
         )
 
     def send_nowait(
@@ -1195,7 +1187,7 @@ class Pool:
             self._retire(conn)
             return None
         conn._req_head = head
-        conn._idempotent = method in _IDEMPOTENT if idempotent is None else idempotent
+        conn._idempotent = method in IDEMPOTENT_METHODS if idempotent is None else idempotent
         conn._notify = on_ready
         conn.write_request(head, None, False)
         return conn
@@ -1208,7 +1200,8 @@ class Pool:
         chunked: bool,
         length: int | None,
         is_head: bool,
-        replayable: tuple[bool, bool],
+        replayable: bool,
+        idempotent: bool,
         *,
         sent: bool,
     ) -> Response:
@@ -1234,11 +1227,10 @@ class Pool:
                 return resp
             except UpstreamError as exc:
                 self._retire(conn)
-                body_ok, idempotent = replayable
                 if not (
                     exc._retry_safe
                     and conn._uses > 1
-                    and body_ok
+                    and replayable
                     and (idempotent or not exc.request_sent)
                 ):
                     raise

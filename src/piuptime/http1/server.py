@@ -348,36 +348,13 @@ class Responder:
         written at once as an informational response and a final one can follow."""
         if self.started:
             raise RuntimeError("response already started")
-        req = self._req
-        parts = [_status_line(status, reason)]
+        parts: list[bytes] = []
         length = _add_headers(parts, headers, False)
         if status < 200:
-            parts.append(b"\r\n")
             if not self._conn._closing:
-                self._transport.write(b"".join(parts))
+                self._transport.write(_status_line(status, reason) + b"".join(parts) + b"\r\n")
             return
-        self.started = True
-        self.status = status
-        keep_alive = req.keep_alive and not self._conn._draining
-        if req.method == b"HEAD" or status == 204 or status == 304:
-            self._framing = _F_NONE
-        elif length is not None:
-            self._framing = _F_LENGTH
-            self._remaining = length
-        elif req.version == b"1.1":
-            self._framing = _F_CHUNKED
-            parts.append(b"transfer-encoding: chunked\r\n")
-        else:
-            self._framing = _F_CLOSE
-            keep_alive = False
-        self._keep_alive = keep_alive
-        if not keep_alive:
-            parts.append(tail_close())
-        elif req.version is _V11:
-            parts.append(tail_plain())
-        else:
-            parts.append(tail_keep_alive())
-        self._head = b"".join(parts)
+        self.start_fields(status, b"".join(parts), length, reason)
 
     def start_fields(
         self, status: int, fields: bytes, length: int | None, reason: bytes | None = None
