@@ -217,7 +217,7 @@ class UpstreamRuntime:
     def _choose_carefully(self, tried: Collection[int], key: bytes | None) -> Target | None:
         now = _CLOCK()
         out = set(tried)
-        blocked = set()  # breaker open or Retry-After: out even in panic
+        blocked: set[int] = set()  # breaker open or Retry-After: out even in panic
         usable_primaries = 0
         for t in self.targets:
             if t.troubled:
@@ -237,14 +237,14 @@ class UpstreamRuntime:
         )
         while True:
             if self.panic:
-                i = self.balancer.pick(blocked | set(tried) | self._backups, key)
+                i = self.balancer.pick(blocked.union(tried, self._backups), key)
             else:
                 i = self.balancer.pick(out | self._backups, key)
                 if i is None and self._backups:
                     i = self.balancer.pick(out | self._primaries, key)
                 if i is None:  # nothing usable at all: spread over every target still allowed
                     self.panic = True
-                    i = self.balancer.pick(blocked | set(tried), key)
+                    i = self.balancer.pick(blocked.union(tried), key)
             if i is None:
                 return None
             t = self.targets[i]
