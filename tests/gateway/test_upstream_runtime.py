@@ -123,4 +123,3 @@ def test_half_open_breaker_admits_a_bounded_number_of_probes(clock: Clock) -> No
     u.end(t, True, 0.01)
     u.end(t, True, 0.01)
     assert t.breaker is not None and t.breaker.state == "closed"
-
