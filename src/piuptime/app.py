@@ -18,16 +18,23 @@ import os
 import signal
 import ssl
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from piuptime.admin import AdminServer
 from piuptime.config import Config, ConfigError, load_config
 from piuptime.config.schema import Listener
+from piuptime.gateway.consumers import Consumers
+from piuptime.gateway.plugins import PluginEnv
 from piuptime.gateway.proxy import ProxyHandler
 from piuptime.gateway.runtime import Runtime, compile_runtime, retired_upstreams
 from piuptime.http1.server import Request, Server, ServerLimits
 from piuptime.observe.accesslog import AccessLog, now_iso
+from piuptime.observe.metrics import Metrics
+from piuptime.state import open_stores
+from piuptime.state.memory import MemoryStores
 from piuptime.systemd import Notifier
 
 log = logging.getLogger("piuptime")
@@ -92,12 +99,16 @@ class App:
         self._watch_task: asyncio.Task[None] | None = None
         self._file_sig = _file_signature(config_path)
         self._tls: list[ssl.SSLContext | None] = []
+        self.metrics = Metrics()
+        self.plugin_env: PluginEnv | None = None
+        self._background: set[asyncio.Future[Any]] = set()
 
     # -- start -------------------------------------------------------------------------------
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self.runtime = compile_runtime(self.config)
+        self.plugin_env = await self._make_env(self.config)
+        self.runtime = compile_runtime(self.config, None, self.plugin_env)
         for upstream in self.runtime.upstreams.values():
             upstream.start()  # active health checks
         self.access_log.start(loop)
@@ -117,6 +128,27 @@ class App:
         if self.config_path is not None and self.watch_interval > 0:
             self._watch_task = loop.create_task(self._watch())
         log.info("piuptime ready on %s (%s)", ", ".join(self.addresses()), _summary(self.config))
+
+    async def _make_env(self, config: Config) -> PluginEnv:
+        """What plugins share for the life of the process: in-memory state, the Redis stores
+        when ``store.redis`` is set, metrics and a place to run background work."""
+        shared = None
+        if config.store.redis is not None:
+            shared = await open_stores("redis", redis_url=config.store.redis)
+        return PluginEnv(
+            stores=MemoryStores(),
+            shared=shared,
+            metrics=self.metrics,
+            consumers=Consumers.from_config(config),
+            upstreams={},
+            spawn=self.spawn,
+        )
+
+    def spawn(self, work: Awaitable[Any]) -> None:
+        """Run background work for a plugin; kept referenced, cancelled at stop."""
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def addresses(self) -> list[str]:
         out = []
@@ -173,7 +205,7 @@ class App:
         self._file_sig = _file_signature(self.config_path)
         try:
             config = await asyncio.to_thread(load_config, self.config_path)
-            new_runtime = compile_runtime(config, self.runtime)
+            new_runtime = compile_runtime(config, self.runtime, self.plugin_env)
         except ConfigError as exc:
             self._reload_failed(reason, str(exc))
             return False
@@ -272,6 +304,14 @@ class App:
         if self.runtime is not None:
             for upstream in self.runtime.upstreams.values():
                 await upstream.aclose()
+        for task in list(self._background):
+            task.cancel()
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        if self.plugin_env is not None:
+            await self.plugin_env.stores.aclose()
+            if self.plugin_env.shared is not None:
+                await self.plugin_env.shared.aclose()
         await self.access_log.aclose()
         self.notifier.close()
         log.info("piuptime stopped")

@@ -295,9 +295,6 @@ class _Builder:
 _UNSUPPORTED = "not supported yet"
 
 
-_BUILT_PLUGINS = frozenset({"fault_injection"})
-
-
 def _unsupported(data: dict[str, Any]) -> list[_Problem]:
     """Sections and options that parse but that the gateway does not run yet."""
     found: list[_Problem] = []
@@ -305,24 +302,6 @@ def _unsupported(data: dict[str, Any]) -> list[_Problem]:
     def add(loc: Loc, message: str, *, on_key: bool = True) -> None:
         found.append(_Problem(loc, message, on_key=on_key, unsupported=True))
 
-    store = data.get("store")
-    if isinstance(store, dict) and store.get("redis") is not None:
-        add(
-            ("store", "redis"),
-            f"{_UNSUPPORTED} (state is kept in this process for now); set it to null",
-        )
-    if data.get("consumers"):
-        add(("consumers",), f"{_UNSUPPORTED} (consumers arrive with the auth plugins, issue 4)")
-    routes = data.get("routes")
-    for index, route in enumerate(routes if isinstance(routes, list) else ()):
-        plugins = route.get("plugins") if isinstance(route, dict) else None
-        for plugin in plugins if isinstance(plugins, dict) else ():
-            if plugin in _BUILT_PLUGINS:
-                continue
-            add(
-                ("routes", index, "plugins", plugin),
-                f"plugin {plugin}: {_UNSUPPORTED} (issue 4)",
-            )
     if data.get("llm") is not None:
         add(("llm",), f"{_UNSUPPORTED} (issue 6); remove it")
     return found

@@ -21,6 +21,8 @@ from piuptime.gateway.headers import (
     upstream_request_fields,
     upstream_request_headers,
 )
+from piuptime.gateway.plugins import Ctx, Reply
+from piuptime.gateway.router import Match
 from piuptime.gateway.runtime import CompiledRoute, Runtime, Target, UpstreamRuntime
 from piuptime.http1.client import (
     IDEMPOTENT_METHODS,
@@ -70,9 +72,10 @@ class ProxyHandler:
         self._loop_time: Callable[[], float] = time.perf_counter
 
     def handle(self, req: Request, resp: Responder) -> Awaitable[None] | None:
-        """Route ``req`` and forward it. A bodyless request with an idle pooled connection to
-        its target is completed through callbacks (``_Exchange``), without a task; everything
-        else (bodies, retries, waits) returns the ``_forward`` coroutine for the server to run."""
+        """Route ``req``, run its plugins and forward it. A bodyless request whose plugins
+        need not wait, with an idle pooled connection to its target, is completed through
+        callbacks (``_Exchange``), without a task; everything else (bodies, retries, waits)
+        returns a coroutine for the server to run."""
         rt = self.runtime
         match = rt.router.match(req.method, req.host, req.path, req.headers)
         if match is None:
@@ -87,27 +90,72 @@ class ProxyHandler:
         route: CompiledRoute = match.spec.payload  # type: ignore[assignment]
         if route.max_body_bytes is not None:
             req.max_body_bytes = route.max_body_bytes
-        delay = 0.0
-        if route.fault is not None:
-            fault = route.fault
-            if fault.abort_percent and random.random() < fault.abort_percent:
-                resp.send_error(fault.abort_status, "fault_injected", "aborted by fault_injection")
-                self._log(req, resp, route, (), 0.0)
-                resp.finish()
-                return None
-            if fault.delay_percent and random.random() < fault.delay_percent:
-                delay = fault.delay
-        upstream = route.upstream
+        pipe = route.pipeline
+        if pipe is None:
+            return self._dispatch(req, resp, route, match, None, True)
+        assert rt.env is not None
+        ctx = Ctx(req, resp, route, match, rt.env)
+        if pipe.request:
+            try:
+                r = pipe.access(ctx)
+            except BaseException:
+                pipe.finish(ctx)
+                raise
+            if r is not None:
+                if type(r) is Reply:
+                    self._reply(ctx, r)
+                    self._log(req, resp, route, (), 0.0, ctx)
+                    resp.finish()
+                    return None
+                return self._after_access(ctx, r, match)  # type: ignore[arg-type]
+        return self._dispatch(req, resp, route, match, ctx, True)
+
+    async def _after_access(self, ctx: Ctx, pending: Awaitable[Reply | None], match: Match) -> None:
+        """The access phase had to wait: finish it, then forward (never on the callback path:
+        this coroutine already owns the request)."""
+        req, resp, route = ctx.req, ctx.resp, ctx.route
+        try:
+            r = await pending
+        except BaseException:
+            route.pipeline.finish(ctx)  # type: ignore[union-attr]
+            raise
+        if r is not None:
+            self._reply(ctx, r)
+            self._log(req, resp, route, (), 0.0, ctx)
+            return
+        work = self._dispatch(req, resp, route, match, ctx, False)
+        if work is not None:
+            await work
+
+    def _dispatch(
+        self,
+        req: Request,
+        resp: Responder,
+        route: CompiledRoute,
+        match: Match,
+        ctx: Ctx | None,
+        fast: bool,
+    ) -> Awaitable[None] | None:
+        """Pick a target and send; ``fast``: the callback path may be taken."""
+        rt = self.runtime
+        upstream = route.upstream if ctx is None else ctx.upstream
         key = _hash_key(req, upstream.hash_on) if upstream.hash_on is not None else None
         target = upstream.choose((), key)
         if target is None:
-            self._no_target(req, resp, route, ())
-            resp.finish()
+            self._no_target(req, resp, route, upstream, ctx)
+            if fast:
+                resp.finish()
             return None
         upstream.budget.request()
-        host = route.upstream_host(req.host, target)
+        if ctx is not None and ctx.host is not None:
+            host = ctx.host
+        else:
+            host = route.upstream_host(req.host, target)
         proto = _HTTPS if req.tls else _HTTP
-        path = route.upstream_path(req.path, req.query, match)
+        if ctx is not None and ctx.path is not None:
+            path = ctx.path
+        else:
+            path = route.upstream_path(req.path, req.query, match)
         if req.upgrade is not None:
             headers: list[tuple[bytes, bytes]] | bytes = upstream_request_headers(
                 req.headers,
@@ -127,8 +175,8 @@ class ProxyHandler:
                 original_host=req.host,
                 via=rt.via,
             )
-            if not req.has_body and not delay:
-                ex = _Exchange(self, req, resp, route, target, rt.via, key, path, headers)
+            if fast and not req.has_body:
+                ex = _Exchange(self, req, resp, route, target, rt.via, key, path, headers, ctx)
                 conn = target.pool.send_nowait(
                     req.method, path, headers, ex.ready, _idempotent(req, route)
                 )
@@ -136,7 +184,7 @@ class ProxyHandler:
                     ex.conn = conn
                     upstream.begin(target)
                     return None
-        return self._forward(req, resp, route, target, rt.via, path, headers, key, delay=delay)
+        return self._forward(req, resp, route, target, rt.via, path, headers, key, ctx=ctx)
 
     async def _forward(
         self,
@@ -150,16 +198,41 @@ class ProxyHandler:
         key: bytes | None,
         pending: PendingExchange | None = None,
         t0: float = 0.0,
-        delay: float = 0.0,
+        ctx: Ctx | None = None,
     ) -> None:
         """The general path: read the body, then attempts until one gives an answer worth
         relaying, within the retry rules, the budget and the total deadline."""
-        upstream = route.upstream
+        if ctx is None:
+            await self._attempts(req, resp, route, target, via, path, headers, key, pending, t0)
+            return
+        try:
+            await self._attempts(
+                req, resp, route, target, via, path, headers, key, pending, t0, ctx
+            )
+        finally:
+            route.pipeline.finish(ctx)  # type: ignore[union-attr]
+
+    async def _attempts(
+        self,
+        req: Request,
+        resp: Responder,
+        route: CompiledRoute,
+        target: Target,
+        via: bytes,
+        path: bytes,
+        headers: list[tuple[bytes, bytes]] | bytes,
+        key: bytes | None,
+        pending: PendingExchange | None,
+        t0: float,
+        ctx: Ctx | None = None,
+    ) -> None:
+        upstream = route.upstream if ctx is None else ctx.upstream
         now = self._loop_time
         deadline = req.start_time + upstream.total_timeout
-        if delay:
-            await asyncio.sleep(delay)  # fault_injection: held before going upstream
-        body = await _request_body(req) if req.has_body else None
+        if ctx is not None and ctx.body is not None:
+            body: bytes | AsyncIterator[bytes] | None = ctx.body
+        else:
+            body = await _request_body(req) if req.has_body else None
         replayable = body is None or isinstance(body, bytes)
         idempotent = _idempotent(req, route)
         retries_left = upstream.retries.attempts
@@ -191,13 +264,15 @@ class ProxyHandler:
                     upstream.end(target, False, None)
                 except TimeoutError:
                     upstream.abandon(target)
-                    resp.send_error(
+                    self._fail(
+                        ctx,
+                        resp,
                         504,
                         "upstream_timeout",
                         f"upstream {upstream.name}: no answer within the total timeout "
                         f"({upstream.total_timeout:g}s) after {len(tried)} attempt(s)",
                     )
-                    self._log(req, resp, route, tried, upstream_time + now() - t0)
+                    self._log(req, resp, route, tried, upstream_time + now() - t0, ctx)
                     return
                 except BaseException:
                     upstream.abandon(target)
@@ -220,6 +295,13 @@ class ProxyHandler:
                             retries_left -= 1
                             target = nxt
                             continue
+                if status >= 500 and ctx is not None and ctx.route.pipeline.failure:  # type: ignore[union-attr]
+                    reply = ctx.route.pipeline.on_failure(ctx, status)  # type: ignore[union-attr]
+                    if reply is not None:
+                        up.release()
+                        self._reply(ctx, reply)
+                        self._log(req, resp, route, tried, upstream_time, ctx)
+                        return
                 break
             assert error is not None
             sent = error.request_sent
@@ -235,17 +317,18 @@ class ProxyHandler:
                     target = nxt
                     continue
             status, code = _upstream_error_status(error)
-            resp.send_error(status, code, f"upstream {upstream.name} ({target.label}): {error}")
-            self._log(req, resp, route, tried, upstream_time)
+            message = f"upstream {upstream.name} ({target.label}): {error}"
+            self._fail(ctx, resp, status, code, message)
+            self._log(req, resp, route, tried, upstream_time, ctx)
             return
         try:
             if up.status == 101 and req.upgrade is not None:
                 await self._tunnel(req, resp, up, via)
             else:
-                upstream_time += await self._relay(req, resp, up, via)
+                upstream_time += await self._relay(req, resp, up, via, ctx)
         finally:
             up.release()
-        self._log(req, resp, route, tried, upstream_time)
+        self._log(req, resp, route, tried, upstream_time, ctx)
 
     async def _retry_target(
         self,
@@ -280,20 +363,50 @@ class ProxyHandler:
         return nxt
 
     def _no_target(
-        self, req: Request, resp: Responder, route: CompiledRoute, tried: tuple[Target, ...]
+        self,
+        req: Request,
+        resp: Responder,
+        route: CompiledRoute,
+        upstream: UpstreamRuntime,
+        ctx: Ctx | None,
     ) -> None:
-        upstream = route.upstream
         wait = upstream.retry_after()
         message = f"upstream {upstream.name} has no target that can take the request now"
-        if wait > 0:
-            resp.send(
-                503,
-                error_body(503, "no_target", message),
-                [(b"retry-after", b"%d" % max(1, round(wait)))],
-            )
-        else:
-            resp.send_error(503, "no_target", message)
-        self._log(req, resp, route, tried, 0.0)
+        extra = [(b"retry-after", b"%d" % max(1, round(wait)))] if wait > 0 else None
+        self._fail(ctx, resp, 503, "no_target", message, extra)
+        self._log(req, resp, route, (), 0.0, ctx)
+
+    def _fail(
+        self,
+        ctx: Ctx | None,
+        resp: Responder,
+        status: int,
+        code: str,
+        message: str,
+        headers: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
+        """Answer that the upstream failed, unless a plugin has something better (a stale
+        cached copy); the response phase runs on whichever goes out."""
+        if ctx is None:
+            if headers:
+                resp.send(status, error_body(status, code, message), headers)
+            else:
+                resp.send_error(status, code, message)
+            return
+        pipe = ctx.route.pipeline
+        assert pipe is not None
+        reply = pipe.on_failure(ctx, status) if pipe.failure else None
+        if reply is None:
+            reply = Reply.error(status, code, message, headers)
+        self._reply(ctx, reply)
+
+    def _reply(self, ctx: Ctx, reply: Reply) -> None:
+        """Send a whole response made by the gateway, through the response phase."""
+        headers = list(reply.headers)
+        pipe = ctx.route.pipeline
+        if pipe is not None:
+            pipe.on_response(ctx, reply.status, headers)
+        ctx.resp.send(reply.status, reply.body, headers, None)
 
     async def _drained_then_log(
         self,
@@ -302,21 +415,33 @@ class ProxyHandler:
         route: CompiledRoute,
         target: Target,
         upstream_time: float,
+        ctx: Ctx | None,
     ) -> None:
-        await resp.drain()
-        self._log(req, resp, route, (target,), upstream_time)
+        try:
+            await resp.drain()
+        finally:
+            self._log(req, resp, route, (target,), upstream_time, ctx)
 
-    async def _relay(self, req: Request, resp: Responder, up: Response, via: bytes) -> float:
-        """Stream the upstream response to the client; returns time spent waiting upstream."""
+    async def _relay(
+        self, req: Request, resp: Responder, up: Response, via: bytes, ctx: Ctx | None = None
+    ) -> float:
+        """Stream the upstream response to the client; returns time spent waiting upstream.
+        A plugin's ``ctx.capture`` gets the whole body afterwards when it fits its limit."""
         no_body = req.method == b"HEAD" or up.status in _NO_BODY_STATUS or up.status < 200
+        headers = up.headers
+        if ctx is not None:
+            ctx.route.pipeline.on_response(ctx, up.status, headers)  # type: ignore[union-attr]
         resp.start_fields(
             up.status,
             downstream_response_fields(
-                up.headers, via=via, length=None if up.chunked else up.content_length
+                headers, via=via, length=None if up.chunked else up.content_length
             ),
             None if up.chunked else up.content_length,
             up.reason,
         )
+        capture = ctx.capture if ctx is not None else None
+        kept: list[bytes] | None = [] if capture is not None else None
+        room = ctx.capture_limit if ctx is not None else 0
         waited = 0.0
         if not no_body:
             if up.content_length is None:
@@ -330,9 +455,17 @@ class ProxyHandler:
                 waited += now() - t0
                 if not chunk:
                     break
+                if kept is not None:
+                    room -= len(chunk)
+                    if room < 0:
+                        kept = None  # too large to keep: relayed, not captured
+                    else:
+                        kept.append(chunk)
                 resp.write(chunk)
                 await resp.drain()
         resp.end()
+        if capture is not None and kept is not None:
+            capture(up.status, headers, b"".join(kept))
         return waited
 
     async def _tunnel(self, req: Request, resp: Responder, up: Response, via: bytes) -> None:
@@ -372,25 +505,31 @@ class ProxyHandler:
         route: CompiledRoute | None,
         tried: Sequence[Target],
         upstream_time: float,
+        ctx: Ctx | None = None,
     ) -> None:
+        if ctx is not None:
+            ctx.route.pipeline.finish(ctx)  # type: ignore[union-attr]
         if not self.access_log.enabled:
             return
         total = self._loop_time() - req.start_time
+        consumer = ctx.consumer if ctx is not None else None
+        upstream = ctx.upstream if ctx is not None else (route.upstream if route else None)
+        request_id = ctx.request_id if ctx is not None else None
         self.access_log.record(
             {
                 "time": now_iso(),
-                "request_id": _request_id(req) or self.ids.next(),
+                "request_id": request_id or _request_id(req) or self.ids.next(),
                 "route": route.name if route is not None else None,
-                "consumer": None,
+                "consumer": consumer.name if consumer is not None else None,
                 "method": req.method.decode("latin-1"),
                 "path": req.path.decode("latin-1"),
                 "status": resp.status,
                 "bytes": resp.bytes_sent,
-                "upstream": route.upstream.name if route is not None else None,
+                "upstream": upstream.name if upstream is not None else None,
                 "target": tried[-1].label if tried else None,
                 "attempts": len(tried),
                 "tried": [t.label for t in tried],
-                "cache": None,
+                "cache": ctx.cache if ctx is not None else None,
                 "total_ms": round(total * 1000, 3),
                 "upstream_ms": round(upstream_time * 1000, 3),
                 "gateway_ms": round((total - upstream_time) * 1000, 3),
@@ -405,6 +544,7 @@ class _Exchange:
 
     __slots__ = (
         "conn",
+        "ctx",
         "handler",
         "headers",
         "key",
@@ -428,8 +568,10 @@ class _Exchange:
         key: bytes | None,
         path: bytes,
         headers: bytes,
+        ctx: Ctx | None,
     ) -> None:
         self.handler = handler
+        self.ctx = ctx
         self.req = req
         self.resp = resp
         self.route = route
@@ -465,6 +607,7 @@ class _Exchange:
                         self.key,
                         conn,
                         self.t0,
+                        self.ctx,
                     )
                 )
                 return
@@ -472,28 +615,52 @@ class _Exchange:
             req = self.req
             status = up.status
             upstream.end(self.target, status < 500, upstream_time)
+            ctx = self.ctx
+            headers = up.headers
+            if ctx is not None:
+                pipe = self.route.pipeline
+                assert pipe is not None
+                if status >= 500 and pipe.failure:
+                    reply = pipe.on_failure(ctx, status)
+                    if reply is not None:
+                        up.release()
+                        up = None
+                        handler._reply(ctx, reply)
+                        handler._log(req, resp, self.route, (self.target,), upstream_time, ctx)
+                        resp.finish()
+                        return
+                pipe.on_response(ctx, status, headers)
             length = None if up.chunked else up.content_length
             resp.start_fields(
                 status,
-                downstream_response_fields(up.headers, via=self.via, length=length),
+                downstream_response_fields(headers, via=self.via, length=length),
                 length,
                 up.reason,
             )
             if req.method == b"HEAD" or status in _NO_BODY_STATUS or status < 200:
+                body = b""
                 resp.end()
             else:
-                resp.end(conn.buffered_body())
+                body = conn.buffered_body()
+                resp.end(body)
+            if ctx is not None and ctx.capture is not None and len(body) <= ctx.capture_limit:
+                ctx.capture(status, headers, body)
             up.release()
+            up = None
             if resp.write_paused:
                 resp.continue_with(
-                    handler._drained_then_log(req, resp, self.route, self.target, upstream_time)
+                    handler._drained_then_log(
+                        req, resp, self.route, self.target, upstream_time, ctx
+                    )
                 )
                 return
-            if handler.access_log.enabled:
-                handler._log(req, resp, self.route, (self.target,), upstream_time)
+            if ctx is not None or handler.access_log.enabled:
+                handler._log(req, resp, self.route, (self.target,), upstream_time, ctx)
         except Exception as exc:
             if up is not None:
                 up.release()
+            if self.ctx is not None:
+                self.route.pipeline.finish(self.ctx)  # type: ignore[union-attr]
             resp.finish(exc)
             return
         resp.finish()

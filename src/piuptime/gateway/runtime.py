@@ -8,20 +8,25 @@ connection pools (and, later, health state) survive a reload.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import Collection, Iterable
+from collections.abc import Awaitable, Collection, Iterable
 from typing import TYPE_CHECKING, Any
 
+from piuptime.config.plugins import merged
 from piuptime.gateway.balancer import LoadBalancer, make_balancer
 from piuptime.gateway.breaker import CircuitBreaker
+from piuptime.gateway.clientip import TrustedProxies
+from piuptime.gateway.consumers import Consumers
 from piuptime.gateway.health import ActiveChecker, CheckSettings, ProbeTarget
 from piuptime.gateway.outlier import OutlierDetector, RetryBudget
+from piuptime.gateway.plugins import Pipeline, PluginEnv, compile_pipeline
 from piuptime.gateway.router import Match, Router, RouteSpec
 from piuptime.http1.client import Pool, PoolOptions
 
 if TYPE_CHECKING:
-    from piuptime.config.schema import Config, FaultInjection, Route, Upstream
+    from piuptime.config.schema import Config, Route, Upstream
 
 log = logging.getLogger("piuptime.runtime")
 
@@ -427,28 +432,16 @@ class UpstreamRuntime:
 _OK, _OUT, _BLOCKED = 0, 1, 2
 
 
-class Fault:
-    """The fault_injection plugin of a route, flattened for the hot path."""
-
-    __slots__ = ("abort_percent", "abort_status", "delay", "delay_percent")
-
-    def __init__(self, config: FaultInjection) -> None:
-        self.abort_status = config.abort.status if config.abort else 503
-        self.abort_percent = config.abort.percent if config.abort else 0.0
-        self.delay = config.delay.duration if config.delay else 0.0
-        self.delay_percent = config.delay.percent if config.delay else 0.0
-
-
 class CompiledRoute:
     """What the proxy needs per matched route, precomputed at load."""
 
     __slots__ = (
-        "fault",
         "host_mode",
         "host_value",
         "is_prefix",
         "max_body_bytes",
         "name",
+        "pipeline",
         "retry_non_idempotent",
         "rewrite",
         "strip_prefix",
@@ -466,8 +459,7 @@ class CompiledRoute:
         self.host_mode = mode if mode in ("pass", "target") else "literal"
         self.host_value = mode.encode() if self.host_mode == "literal" else b""
         self.retry_non_idempotent = route.retry_non_idempotent
-        fault = route.plugins.fault_injection
-        self.fault = Fault(fault) if fault is not None else None
+        self.pipeline: Pipeline | None = None  # set by compile_runtime
 
     def upstream_path(self, path: bytes, query: bytes, match: Match) -> bytes:
         """The request-target sent upstream: rewrite or strip the matched part, keep the query."""
@@ -519,7 +511,7 @@ def _expand(parts: tuple[bytes | tuple[str], ...], params: dict[str, str]) -> by
 class Runtime:
     """One compiled configuration: router, routes and upstreams."""
 
-    __slots__ = ("config", "router", "routes", "upstreams", "via")
+    __slots__ = ("config", "env", "router", "routes", "upstreams", "via")
 
     def snapshot(self) -> dict[str, Any]:
         """Live state of every upstream (what the admin ``/status`` shows)."""
@@ -537,10 +529,16 @@ class Runtime:
         self.routes = routes
         self.upstreams = upstreams
         self.via = f"1.1 {config.gateway.via}".encode()
+        self.env: PluginEnv | None = None
 
 
-def compile_runtime(config: Config, previous: Runtime | None = None) -> Runtime:
-    """Build a runtime, reusing upstreams from ``previous`` whose config is unchanged."""
+def compile_runtime(
+    config: Config, previous: Runtime | None = None, env: PluginEnv | None = None
+) -> Runtime:
+    """Build a runtime, reusing upstreams from ``previous`` whose config is unchanged.
+
+    ``env`` carries what plugins share across reloads (state stores, metrics); without one
+    (tests, tools) a private in-memory environment is made."""
     old = previous.upstreams if previous is not None else {}
     upstreams: dict[str, UpstreamRuntime] = {}
     for name, ucfg in config.upstreams.items():
@@ -549,13 +547,45 @@ def compile_runtime(config: Config, previous: Runtime | None = None) -> Runtime:
             upstreams[name] = prior
         else:
             upstreams[name] = UpstreamRuntime(name, ucfg)
+    if env is None:
+        env = default_env(config)
+    env.upstreams = upstreams
+    env.consumers = Consumers.from_config(config)
+    env.trusted_proxies = TrustedProxies(config.gateway.trusted_proxies)
     routes: list[CompiledRoute] = []
     specs: list[RouteSpec] = []
     for r in config.routes:
         compiled = CompiledRoute(r, upstreams[r.upstream])
+        compiled.pipeline = compile_pipeline(merged(config.plugins, r.plugins), env, compiled)
         routes.append(compiled)
         specs.append(_spec(r, compiled))
-    return Runtime(config, Router(specs), routes, upstreams)
+    runtime = Runtime(config, Router(specs), routes, upstreams)
+    runtime.env = env
+    return runtime
+
+
+def default_env(config: Config) -> PluginEnv:
+    """A plugin environment private to one runtime: in-memory state, its own metrics."""
+    from piuptime.observe.metrics import Metrics
+    from piuptime.state.memory import MemoryStores
+
+    return PluginEnv(
+        stores=MemoryStores(),
+        shared=None,
+        metrics=Metrics(),
+        consumers=Consumers.from_config(config),
+        upstreams={},
+        spawn=_spawn,
+    )
+
+
+_background: set[asyncio.Future[Any]] = set()
+
+
+def _spawn(work: Awaitable[Any]) -> None:
+    task = asyncio.ensure_future(work)
+    _background.add(task)
+    task.add_done_callback(_background.discard)
 
 
 def _spec(r: Route, compiled: CompiledRoute) -> RouteSpec:
