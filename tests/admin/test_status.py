@@ -420,3 +420,25 @@ def test_cli_status_help() -> None:
         assert word in res.stdout, word
     top = subprocess.run(piuptime_cmd("--help"), capture_output=True, text=True).stdout
     assert "status     show upstreams" in top
+
+
+async def test_metrics_endpoint_renders_the_registry(ups: list[Upstream]) -> None:
+    app, _ = await start_app(config_text(ups, '{listen: "127.0.0.1:0", token: s3cret}'))
+    try:
+        family = app.metrics.counter("test_things", "Things seen.\nTwo lines.", ("route",))
+        family.labels('a"b').inc()
+        family.labels("c").inc(2)
+        app.metrics.gauge("test_level", "A level.").set(value=1.5)
+        port = admin_port(app)
+        assert (await fetch(port, "/metrics")).status == 401  # the token guards it
+        reply = await fetch(port, "/metrics", headers=bearer("s3cret"))
+        assert reply.status == 200
+        assert reply.header(b"content-type") == b"text/plain; version=0.0.4; charset=utf-8"
+        text = reply.body.decode()
+        assert "# HELP piuptime_test_things Things seen.\\nTwo lines.\n" in text
+        assert "# TYPE piuptime_test_things counter\n" in text
+        assert 'piuptime_test_things_total{route="a\\"b"} 1\n' in text
+        assert 'piuptime_test_things_total{route="c"} 2\n' in text
+        assert "# TYPE piuptime_test_level gauge\npiuptime_test_level 1.5\n" in text
+    finally:
+        await app.stop()

@@ -1,4 +1,5 @@
-"""The admin listener: ``GET /status`` (live state as JSON) and ``GET /healthz``.
+"""The admin listener: ``GET /status`` (live state as JSON), ``GET /metrics`` (Prometheus text)
+and ``GET /healthz``.
 
 It runs on piuptime's own HTTP/1.1 server, on its own address (``admin.listen``), only when the
 config has an ``admin:`` section. With ``admin.token`` set, every request but ``/healthz`` must
@@ -26,6 +27,7 @@ from piuptime.http1.server import Request, Responder, Server, ServerLimits
 
 if TYPE_CHECKING:
     from piuptime.gateway.runtime import Runtime
+    from piuptime.observe.metrics import Metrics
 
 __all__ = ["ADMIN_LIMITS", "AdminServer", "StatusSource", "status_document"]
 
@@ -62,6 +64,8 @@ class StatusSource(Protocol):
     def runtime(self) -> Runtime | None: ...
     @property
     def reloads(self) -> ReloadView: ...
+    @property
+    def metrics(self) -> Metrics: ...
 
 
 def status_document(source: StatusSource, uptime_s: float) -> dict[str, Any]:
@@ -89,6 +93,8 @@ _ALLOW = b"GET, HEAD"
 _READ_METHODS = frozenset({b"GET", b"HEAD"})
 _STATUS = b"/status"
 _HEALTHZ = b"/healthz"
+_METRICS = b"/metrics"
+_PROMETHEUS = b"text/plain; version=0.0.4; charset=utf-8"
 _HEALTHZ_BODY = orjson.dumps({"status": "ok"})
 _CHALLENGE = b'Bearer realm="piuptime"'
 _CHALLENGE_INVALID = b'Bearer realm="piuptime", error="invalid_token"'
@@ -144,10 +150,20 @@ class AdminServer:
             return
         if not self._authorized(req, resp):
             return
+        if path == _METRICS:
+            if self._method_allowed(req, resp):
+                text = self.source.metrics.render().encode()
+                resp.send(200, text, [_NO_STORE], content_type=_PROMETHEUS)
+            return
         if path != _STATUS:
             method = req.method.decode("latin-1")
             target = path.decode("latin-1")
-            _error(resp, 404, "not_found", f"no admin endpoint {method} {target}; try GET /status")
+            _error(
+                resp,
+                404,
+                "not_found",
+                f"no admin endpoint {method} {target}; try GET /status or GET /metrics",
+            )
             return
         if self._method_allowed(req, resp):
             document = status_document(self.source, time.monotonic() - self.started)
