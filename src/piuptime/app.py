@@ -135,6 +135,18 @@ class App:
         shared = None
         if config.store.redis is not None:
             shared = await open_stores("redis", redis_url=config.store.redis)
+            redis = shared
+            self.metrics.gauge(
+                "redis_up",
+                "1 while the shared Redis answers, 0 while calls to it fail (then each use "
+                "fails open or closed as configured).",
+                read=lambda: [((), 1.0 if redis.available else 0.0)],
+            )
+            self.metrics.counter(
+                "redis_failures",
+                "Calls to the shared Redis that failed since start (connection, timeout).",
+                read=lambda: [((), float(redis.failures_total))],
+            )
         return PluginEnv(
             stores=MemoryStores(),
             shared=shared,

@@ -25,11 +25,19 @@ class Counter:
 
     kind = "counter"
 
-    def __init__(self, name: str, help: str, labelnames: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        name: str,
+        help: str,
+        labelnames: tuple[str, ...] = (),
+        read: Callable[[], Iterable[tuple[tuple[str, ...], float]]] | None = None,
+    ) -> None:
         self.name = name
         self.help = help
         self.labelnames = labelnames
         self.children: dict[tuple[str, ...], _Child] = {}
+        # values kept elsewhere (a store's failure count), read at scrape time
+        self.read = read
 
     def labels(self, *values: str) -> _Child:
         if len(values) != len(self.labelnames):
@@ -47,8 +55,12 @@ class Counter:
         return child.value if child is not None else 0.0
 
     def samples(self) -> Iterable[tuple[str, tuple[str, ...], float]]:
+        name = self.name + ("_total" if self.kind == "counter" else "")
+        if self.read is not None:
+            for values, v in self.read():
+                yield name, values, v
         for values, child in self.children.items():
-            yield self.name + ("_total" if self.kind == "counter" else ""), values, child.value
+            yield name, values, child.value
 
 
 class Gauge(Counter):
@@ -56,25 +68,8 @@ class Gauge(Counter):
 
     kind = "gauge"
 
-    def __init__(
-        self,
-        name: str,
-        help: str,
-        labelnames: tuple[str, ...] = (),
-        read: Callable[[], Iterable[tuple[tuple[str, ...], float]]] | None = None,
-    ) -> None:
-        super().__init__(name, help, labelnames)
-        self.read = read
-
     def set(self, *values: str, value: float) -> None:
         self.labels(*values).value = value
-
-    def samples(self) -> Iterable[tuple[str, tuple[str, ...], float]]:
-        if self.read is not None:
-            for values, v in self.read():
-                yield self.name, values, v
-        else:
-            yield from super().samples()
 
 
 class Metrics:
@@ -83,8 +78,17 @@ class Metrics:
     def __init__(self) -> None:
         self.families: dict[str, Counter] = {}
 
-    def counter(self, name: str, help: str, labelnames: tuple[str, ...] = ()) -> Counter:
-        return self._family(Counter, name, help, labelnames)
+    def counter(
+        self,
+        name: str,
+        help: str,
+        labelnames: tuple[str, ...] = (),
+        read: Callable[[], Iterable[tuple[tuple[str, ...], float]]] | None = None,
+    ) -> Counter:
+        family = self._family(Counter, name, help, labelnames)
+        if read is not None:
+            family.read = read
+        return family
 
     def gauge(
         self,
