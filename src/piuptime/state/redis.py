@@ -182,8 +182,20 @@ end
 return n
 """
 
-# Redis replies that say "this server cannot take the call now", as opposed to a bug of ours.
-_UNAVAILABLE_REPLIES = ("OOM", "MISCONF", "MASTERDOWN", "BUSY", "TRYAGAIN", "CLUSTERDOWN", "NOREPL")
+# Redis error replies that say "this server cannot take the call now", as opposed to a bug of ours
+# (redis-py turns OOM, READONLY, TRYAGAIN, CLUSTERDOWN and MASTERDOWN into classes of their own;
+# an error raised inside a script may come back as a plain ResponseError with the code in front).
+_UNAVAILABLE_REPLIES = (
+    "OOM",
+    "READONLY",
+    "MISCONF",
+    "MASTERDOWN",
+    "CLUSTERDOWN",
+    "TRYAGAIN",
+    "BUSY",
+    "NOREPLICAS",
+    "LOADING",
+)
 
 
 def import_redis() -> Any:
@@ -327,7 +339,9 @@ class RedisStores:
     def _is_unavailable_reply(exc: Exception) -> bool:
         from redis import exceptions as rex
 
-        if isinstance(exc, rex.ReadOnlyError):
+        if isinstance(
+            exc, (rex.OutOfMemoryError, rex.ReadOnlyError, rex.TryAgainError, rex.ClusterDownError)
+        ):
             return True
         return isinstance(exc, rex.ResponseError) and str(exc).startswith(_UNAVAILABLE_REPLIES)
 
