@@ -23,7 +23,6 @@ import sys
 
 from harness import NGINX_PROXY, NGINX_UPSTREAM, WrkResult, nginx, piuptime, rss_mb, wrk
 
-
 BENCH_KEY = "bench-key-0123456789"
 
 
