@@ -161,7 +161,7 @@ async def test_backoff_fails_at_once_and_probes_one_call_at_a_time(
             clock.t = 0.5
             results = await asyncio.gather(*(timed(lambda: stores.kv.get("k")) for _ in range(50)))
             assert all(exc is not None for _, exc in results)
-            assert max(took for took, _ in results) < 0.05
+            assert max(took for took, _ in results) < 0.1
             assert "unavailable" in str(results[0][1])
 
             # past it: one call probes (and waits for the hung server); the others still fail
