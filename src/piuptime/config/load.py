@@ -28,6 +28,7 @@ from yaml.resolver import BaseResolver
 from yaml.scanner import Scanner
 
 from .env import EnvError, expand
+from .plugins.ratelimit import shared_store_problems
 from .schema import Config, SchemaValueError, config_problems, route_problems
 
 __all__ = ["ConfigError", "ConfigIssue", "load_config", "parse_config", "validate_main"]
@@ -320,6 +321,7 @@ def _semantic(data: dict[str, Any]) -> list[_Problem]:
         path = match.get("path") if isinstance(match, dict) else None
         for at, msg in route_problems(path, route.get("strip_prefix"), route.get("rewrite")):
             found.append(_Problem(("routes", index, *at), msg))
+    found.extend(_Problem(loc, msg) for loc, msg in shared_store_problems(data))
     return found
 
 

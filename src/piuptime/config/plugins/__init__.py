@@ -14,6 +14,7 @@ from typing import Any
 from pydantic import BaseModel, model_validator
 
 from ..types import _model
+from .ratelimit import LimitConcurrency, RateLimit
 from .traffic import FaultInjection
 from .transform import (
     Cors,
@@ -44,6 +45,9 @@ class PluginsConfig(BaseModel):
     proxy_rewrite: ProxyRewrite | None = None
     # traffic (traffic.py)
     fault_injection: FaultInjection | None = None
+    # rate limiting (ratelimit.py)
+    rate_limit: RateLimit | None = None
+    limit_concurrency: LimitConcurrency | None = None
 
     @model_validator(mode="before")
     @classmethod
