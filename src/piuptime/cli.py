@@ -21,6 +21,7 @@ commands:
   demo       start three demo devices on loopback and the gateway in front of them
   validate   check a config file and print every error as file:line:column
   status     show upstreams, targets and their health from a running gateway
+  hash-password  hash a password for a consumer's basic auth credentials
   version    print the version
 """
 
@@ -113,6 +114,22 @@ def _parser() -> argparse.ArgumentParser:
     )
     status.add_argument("--json", action="store_true", help="print the raw /status JSON")
 
+    hp = sub.add_parser(
+        "hash-password",
+        help="hash a password for a consumer's basic.password_hash",
+        description="Read a password (asked twice on a terminal, or one line from standard "
+        "input with --stdin) and print a self-describing hash to paste into a consumer's "
+        "basic: {username: ..., password_hash: ...}. The password itself is never stored.",
+    )
+    hp.add_argument(
+        "--stdin", action="store_true", help="read the password from the first line of stdin"
+    )
+    hp.add_argument(
+        "--scheme",
+        choices=["scrypt", "pbkdf2"],
+        default="scrypt",
+        help="scrypt (default; N=2^14, r=8, p=1) or pbkdf2 (PBKDF2-HMAC-SHA256, 600k rounds)",
+    )
     sub.add_parser("version", help="print the version")
     return p
 
@@ -143,11 +160,32 @@ def main(argv: list[str] | None = None) -> int:
         from piuptime.demo.run import main as demo_main
 
         return demo_main(port=args.port, device_port=args.device_port)
+    if args.command == "hash-password":
+        return _hash_password(args.stdin, args.scheme)
     if args.command == "run":
         _setup_logging(args.log_level)
         return _run(Path(args.config), args.watch_interval)
     _parser().print_help()
     return 2
+
+
+def _hash_password(from_stdin: bool, scheme: str) -> int:
+    from piuptime.config.plugins.auth import hash_password
+
+    if from_stdin or not sys.stdin.isatty():
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        import getpass
+
+        password = getpass.getpass("password: ")
+        if getpass.getpass("again: ") != password:
+            print("piuptime: the passwords differ", file=sys.stderr)
+            return 1
+    if not password:
+        print("piuptime: an empty password cannot be hashed", file=sys.stderr)
+        return 1
+    print(hash_password(password, scheme))
+    return 0
 
 
 def _run(path: Path, watch_interval: float) -> int:

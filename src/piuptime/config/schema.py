@@ -17,6 +17,13 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, BeforeValidator, Field, field_validator, model_validator
 
 from .plugins import PluginsConfig
+from .plugins.auth import (
+    BasicCredential,
+    JwtCredential,
+    consumer_problems,
+    is_prehashed_key,
+    valid_name,
+)
 from .plugins.transform import Networks
 from .types import (
     _IDENT,
@@ -626,12 +633,41 @@ class Upstream(BaseModel):
 
 
 class Consumer(BaseModel):
-    """Not built yet (parsed, then rejected at load time)."""
+    """A person or program using the gateway: its groups (for ``acl``) and credentials, any
+    of API ``keys`` (plaintext, usually ``${ENV}``, or ``sha256:<hex>``), ``basic`` (a user
+    name and a password hash) and ``jwt``. Checks across consumers (a key or user name used
+    twice) are in ``piuptime.config.plugins.auth.consumer_problems``."""
 
     model_config = _model()
 
     keys: list[str] = Field(default_factory=list)
     groups: list[str] = Field(default_factory=list)
+    basic: BasicCredential | None = None
+    jwt: JwtCredential | None = None
+
+    @field_validator("keys")
+    @classmethod
+    def _keys(cls, value: list[str]) -> list[str]:
+        for i, key in enumerate(value):
+            if not key:
+                raise SchemaValueError("an API key cannot be empty", (i,))
+            if key.startswith("sha256:") and not is_prehashed_key(key):
+                raise SchemaValueError(
+                    "a pre-hashed key is sha256: and 64 hex digits (sha256sum of the key)", (i,)
+                )
+        return value
+
+    @field_validator("groups")
+    @classmethod
+    def _groups(cls, value: list[str]) -> list[str]:
+        for i, group in enumerate(value):
+            if not valid_name(group, commas=False):
+                raise SchemaValueError(
+                    "a group name is 1-128 printable ASCII characters without commas or "
+                    f"leading/trailing spaces, got {group!r}",
+                    (i,),
+                )
+        return value
 
 
 # --------------------------------------------------------------------------------------------
@@ -911,6 +947,12 @@ class Config(BaseModel):
     @model_validator(mode="after")
     def _references(self) -> Config:
         problems = config_problems(self.routes, self.upstreams)
+        # consumers and auth plugins (keys used twice, unknown anonymous consumer, ...)
+        problems += consumer_problems(
+            self.consumers,
+            [(("plugins",), self.plugins)]
+            + [(("routes", i, "plugins"), r.plugins) for i, r in enumerate(self.routes)],
+        )
         if problems:
             raise SchemaValueError(problems[0][1], problems[0][0])
         return self

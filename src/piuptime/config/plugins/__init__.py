@@ -14,6 +14,7 @@ from typing import Any
 from pydantic import BaseModel, model_validator
 
 from ..types import _model
+from .auth import Acl, BasicAuth, JwtAuth, KeyAuth
 from .ratelimit import LimitConcurrency, RateLimit
 from .traffic import FaultInjection
 from .transform import (
@@ -43,6 +44,11 @@ class PluginsConfig(BaseModel):
     request_transformer: RequestTransformer | None = None
     response_transformer: ResponseTransformer | None = None
     proxy_rewrite: ProxyRewrite | None = None
+    # auth (auth.py)
+    key_auth: KeyAuth | None = None
+    jwt_auth: JwtAuth | None = None
+    basic_auth: BasicAuth | None = None
+    acl: Acl | None = None
     # traffic (traffic.py)
     fault_injection: FaultInjection | None = None
     # rate limiting (ratelimit.py)

@@ -166,4 +166,4 @@ def _load_handlers() -> None:
     _loaded = True
 
 
-_HANDLER_MODULES = ("transform", "traffic", "ratelimit")
+_HANDLER_MODULES = ("transform", "traffic", "ratelimit", "auth")
