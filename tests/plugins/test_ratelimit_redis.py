@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import subprocess
 import time
 import uuid
@@ -185,8 +186,9 @@ async def _until_limited(port: int, deadline_s: float = 10.0) -> int:
 
 
 async def test_redis_killed_allow_mode_serves_and_counts_then_limits_resume(
-    up: Upstream, private_redis: RedisServer
+    up: Upstream, private_redis: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, "piuptime.plugins.ratelimit")
     plugin = "      rate_limit: {limit: 3, window: 1m, per: ip, store: redis}\n"
     app, port = await start_app(_config(up, private_redis.url, plugin))
     try:
@@ -202,9 +204,13 @@ async def test_redis_killed_allow_mode_serves_and_counts_then_limits_resume(
         assert max(latencies) < 0.5, latencies
         errors = app.metrics.snapshot()["piuptime_ratelimit_store_errors_total"]
         assert errors == {"route=api,mode=allow": 20.0}
+        # one warning for the run of failures, not one per request
+        warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) == 1 and "letting requests through" in warnings[0].getMessage()
         private_redis.start()  # same port, empty
         sent = await _until_limited(port)
         assert sent >= 4  # a fresh count of 3, then refused
+        assert any("answers again" in r.getMessage() for r in caplog.records)
         r = await fetch(port, "/")
         assert r.status == 429 and r.header(b"x-ratelimit-degraded") is None
     finally:

@@ -188,6 +188,8 @@ class RateLimitPlugin(Plugin):
         self.headers = config.headers
         self.message = config.message
         self.deny = config.on_store_error == "deny"
+        self.route_name = route_name
+        self.down = False  # the shared store failed last time (for logging transitions)
         self.counters = env.stores.counters
         self.shared = _counters(env, config.store, self.name, route_name)
         self.policy = ", ".join(x.policy() for x in limits).encode()
@@ -242,8 +244,11 @@ class RateLimitPlugin(Plugin):
                     return self._refuse(ctx, lim, result)
                 if tightest is None or _tighter(result, tightest[1]):
                     tightest = (lim, result)
-        except StateUnavailable:
-            return self._store_failed(ctx)
+        except StateUnavailable as exc:
+            return self._store_failed(ctx, exc)
+        if self.down:
+            self.down = False
+            log.info("%s on route %s: the shared store answers again", self.name, self.route_name)
         if self.headers and tightest is not None:
             self._add_headers(ctx, tightest[0], tightest[1])
         return None
@@ -273,10 +278,11 @@ class RateLimitPlugin(Plugin):
             [(b"retry-after", b"%d" % retry)],
         )
 
-    def _store_failed(self, ctx: Ctx) -> Reply | None:
+    def _store_failed(self, ctx: Ctx, exc: StateUnavailable) -> Reply | None:
         self.store_errors.inc()
+        self.down = _went_down(self.down, self.name, self.route_name, self.deny, exc)
         if self.headers:
-            ctx.response_headers.append(DEGRADED_HEADER)
+            _degraded(ctx)
         if not self.deny:
             return None
         return Reply.error(
@@ -285,6 +291,19 @@ class RateLimitPlugin(Plugin):
             "the rate limit cannot be checked now (its store is unreachable); try again shortly",
             [_RETRY_1],
         )
+
+
+def _degraded(ctx: Ctx) -> None:
+    if DEGRADED_HEADER not in ctx.response_headers:  # once, with both plugins on a route
+        ctx.response_headers.append(DEGRADED_HEADER)
+
+
+def _went_down(down: bool, plugin: str, route: str, deny: bool, exc: StateUnavailable) -> bool:
+    """Log the first failure of a run of them (the metric counts every one)."""
+    if not down:
+        mode = "refusing requests (on_store_error: deny)" if deny else "letting requests through"
+        log.warning("%s on route %s: shared store unavailable, %s: %s", plugin, route, mode, exc)
+    return True
 
 
 def _tighter(a: WindowResult | BucketResult, b: WindowResult | BucketResult) -> bool:
@@ -409,6 +428,8 @@ class LimitConcurrencyPlugin(Plugin):
         self.status = config.status
         self.message = config.message
         self.deny = config.on_store_error == "deny"
+        self.route_name = route_name
+        self.down = False  # the shared store failed last time (for logging transitions)
         self.counters = env.stores.counters
         shared = _counters(env, config.store, self.name, route_name)
         self.slots: RedisSlots | None = None
@@ -444,9 +465,10 @@ class LimitConcurrencyPlugin(Plugin):
         assert slots is not None
         try:
             holder = await slots.acquire(key, self.max, self.ttl_ms)
-        except StateUnavailable:
+        except StateUnavailable as exc:
             self.store_errors.inc()
-            ctx.response_headers.append(DEGRADED_HEADER)
+            self.down = _went_down(self.down, self.name, self.route_name, self.deny, exc)
+            _degraded(ctx)
             if not self.deny:
                 return None
             return Reply.error(
@@ -456,6 +478,9 @@ class LimitConcurrencyPlugin(Plugin):
                 "try again shortly",
                 [_RETRY_1],
             )
+        if self.down:
+            self.down = False
+            log.info("%s on route %s: the shared store answers again", self.name, self.route_name)
         if holder is None:
             return self._refuse()
         ctx.defer(lambda: slots.release(holder))
@@ -464,10 +489,6 @@ class LimitConcurrencyPlugin(Plugin):
     def _refuse(self) -> Reply:
         self.rejections.inc()
         return Reply.error(self.status, "too_many_in_flight", self.message, [_RETRY_1])
-
-    def in_flight(self, ctx_subject: str) -> int:
-        """Requests holding a memory slot for ``ctx_subject`` now (status pages, tests)."""
-        return self.counters.in_flight_sync(self.prefix + ctx_subject)
 
 
 __all__ = [
