@@ -15,6 +15,7 @@ from pydantic import BaseModel, model_validator
 
 from ..types import _model
 from .auth import Acl, BasicAuth, JwtAuth, KeyAuth
+from .cache import Cache
 from .ratelimit import LimitConcurrency, RateLimit
 from .traffic import FaultInjection
 from .transform import (
@@ -54,6 +55,8 @@ class PluginsConfig(BaseModel):
     # rate limiting (ratelimit.py)
     rate_limit: RateLimit | None = None
     limit_concurrency: LimitConcurrency | None = None
+    # response cache (cache.py)
+    cache: Cache | None = None
 
     @model_validator(mode="before")
     @classmethod

@@ -166,4 +166,4 @@ def _load_handlers() -> None:
     _loaded = True
 
 
-_HANDLER_MODULES = ("transform", "traffic", "ratelimit", "auth")
+_HANDLER_MODULES = ("transform", "traffic", "ratelimit", "auth", "cache")
