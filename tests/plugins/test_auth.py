@@ -540,3 +540,16 @@ def test_hash_password_round_trip(monkeypatch: pytest.MonkeyPatch, capsys: Any) 
 
     monkeypatch.setattr("sys.stdin", io.StringIO("\n"))
     assert main(["hash-password", "--stdin"]) == 1
+
+
+def test_acl_group_no_consumer_has_is_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    from piuptime.gateway.runtime import compile_runtime
+
+    config = parse_config(
+        "consumers:\n  a: {keys: [k], groups: [apps]}\n" + ROUTES + "      key_auth: {}\n"
+        "      acl: {allow: [apps, admins]}\n",
+        "t.yaml",
+    )
+    with caplog.at_level("WARNING", logger="piuptime.auth"):
+        compile_runtime(config)
+    assert "route r: acl names group(s) no consumer has: admins" in caplog.text
