@@ -312,7 +312,9 @@ def _semantic(data: dict[str, Any]) -> list[_Problem]:
     routes, upstreams = data.get("routes"), data.get("upstreams")
     found = [
         _Problem(loc, msg)
-        for loc, msg in config_problems(routes, {} if upstreams is None else upstreams)
+        for loc, msg in config_problems(
+            routes, {} if upstreams is None else upstreams, data.get("plugins")
+        )
     ]
     for index, route in enumerate(routes if isinstance(routes, list) else ()):
         if not isinstance(route, dict):

@@ -24,6 +24,7 @@ from .plugins.auth import (
     is_prehashed_key,
     valid_name,
 )
+from .plugins.traffic import upstream_reference_problems
 from .plugins.transform import Networks
 from .types import (
     _IDENT,
@@ -829,14 +830,20 @@ def route_problems(path: object, strip_prefix: object, rewrite: object) -> list[
     return problems
 
 
-def config_problems(routes: object, upstreams: object) -> list[tuple[Loc, str]]:
-    """Checks across sections, on raw or validated data: duplicate route names and routes naming
-    an upstream that does not exist."""
+def config_problems(
+    routes: object, upstreams: object, plugins: object = None
+) -> list[tuple[Loc, str]]:
+    """Checks across sections, on raw or validated data: duplicate route names, and routes or
+    plugins (on a route or in the global ``plugins:`` section) naming an upstream that does not
+    exist."""
     problems: list[tuple[Loc, str]] = []
+    upstream_names = [str(u) for u in upstreams] if isinstance(upstreams, dict) else None
+    if upstream_names is not None:
+        for loc, msg in upstream_reference_problems(plugins, upstream_names):
+            problems.append((("plugins", *loc), msg))
     if not isinstance(routes, list):
         return problems
     names: dict[str, int] = {}
-    upstream_names = [str(u) for u in upstreams] if isinstance(upstreams, dict) else None
     for index, route in enumerate(routes):
         if isinstance(route, Route):
             name: object = route.name
@@ -866,6 +873,10 @@ def config_problems(routes: object, upstreams: object) -> list[tuple[Loc, str]]:
                     f"(defined under upstreams: {defined})",
                 )
             )
+        if upstream_names is not None:
+            own = route.plugins if isinstance(route, Route) else route.get("plugins")
+            for loc, msg in upstream_reference_problems(own, upstream_names):
+                problems.append((("routes", index, "plugins", *loc), msg))
     return problems
 
 
@@ -946,7 +957,7 @@ class Config(BaseModel):
 
     @model_validator(mode="after")
     def _references(self) -> Config:
-        problems = config_problems(self.routes, self.upstreams)
+        problems = config_problems(self.routes, self.upstreams, self.plugins)
         # consumers and auth plugins (keys used twice, unknown anonymous consumer, ...)
         problems += consumer_problems(
             self.consumers,

@@ -592,7 +592,8 @@ class _Exchange:
             assert conn is not None
             up = conn.complete_response()
             handler = self.handler
-            upstream = self.route.upstream
+            ctx = self.ctx
+            upstream = self.route.upstream if ctx is None else ctx.upstream  # traffic_split
             if up is None or up.status in upstream.retry_statuses:
                 up = None
                 resp.continue_with(
@@ -615,7 +616,6 @@ class _Exchange:
             req = self.req
             status = up.status
             upstream.end(self.target, status < 500, upstream_time)
-            ctx = self.ctx
             headers = up.headers
             if ctx is not None:
                 pipe = self.route.pipeline

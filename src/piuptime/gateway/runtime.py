@@ -552,6 +552,7 @@ def compile_runtime(
     env.upstreams = upstreams
     env.consumers = Consumers.from_config(config)
     env.trusted_proxies = TrustedProxies(config.gateway.trusted_proxies)
+    env.via = f"1.1 {config.gateway.via}".encode()
     routes: list[CompiledRoute] = []
     specs: list[RouteSpec] = []
     for r in config.routes:

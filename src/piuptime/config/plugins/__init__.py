@@ -17,7 +17,7 @@ from ..types import _model
 from .auth import Acl, BasicAuth, JwtAuth, KeyAuth
 from .cache import Cache
 from .ratelimit import LimitConcurrency, RateLimit
-from .traffic import FaultInjection
+from .traffic import FaultInjection, Mirror, TrafficSplit
 from .transform import (
     Cors,
     IpRestriction,
@@ -52,6 +52,8 @@ class PluginsConfig(BaseModel):
     acl: Acl | None = None
     # traffic (traffic.py)
     fault_injection: FaultInjection | None = None
+    traffic_split: TrafficSplit | None = None
+    mirror: Mirror | None = None
     # rate limiting (ratelimit.py)
     rate_limit: RateLimit | None = None
     limit_concurrency: LimitConcurrency | None = None

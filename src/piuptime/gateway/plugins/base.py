@@ -193,6 +193,7 @@ class PluginEnv:
         # long-lived objects a plugin keeps across reloads, by a key of its choosing
         self.keep: dict[str, Any] = keep if keep is not None else {}
         self.trusted_proxies = trusted_proxies or TrustedProxies(())
+        self.via = b"1.1 piuptime"  # the gateway's Via hop (set from gateway.via at compile)
 
 
 class Plugin:
