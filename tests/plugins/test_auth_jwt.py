@@ -280,7 +280,7 @@ async def test_token_from_cookie_and_query_hidden(up: Upstream) -> None:
 
 
 async def test_jwt_auth_and_key_auth_together(up: Upstream) -> None:
-    """A bearer value that is not a JWT is left to key_auth (first credential decides)."""
+    """key_auth runs first but leaves a bearer value shaped like a JWT to jwt_auth."""
     plugins = f"""\
       jwt_auth: {{keys: [{{key: "{SECRET}"}}]}}
       key_auth: {{}}
@@ -295,9 +295,13 @@ async def test_jwt_auth_and_key_auth_together(up: Upstream) -> None:
         r = await fetch(port, "/")
         assert r.status == 401
         assert r.header_all(b"www-authenticate") == [
-            b'Bearer realm="piuptime"',
             b'Key realm="piuptime"',
+            b'Bearer realm="piuptime"',
         ]
+        r = await fetch(port, "/", headers=bearer("wrong-api-key"))
+        assert r.status == 401 and b"unknown API key" in r.body
+        r = await fetch(port, "/", headers=bearer(token("y" * 40, sub="kitchen-app")))
+        assert r.status == 401 and "signature verification failed" in challenge(r)
     finally:
         await app.stop()
 

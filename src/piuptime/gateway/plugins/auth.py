@@ -1,7 +1,7 @@
 """Auth plugins: key_auth, jwt_auth, basic_auth, and acl on the consumer they find.
 
 Each auth plugin looks for its own kind of credential. Several on one route run in priority
-order (jwt_auth, key_auth, basic_auth) and **the first that finds a credential decides**: a
+order (key_auth, jwt_auth, basic_auth) and **the first that finds a credential decides**: a
 valid one sets ``ctx.consumer`` and the others stand aside, an invalid one is answered 401 at
 once. When none finds a credential, the last one answers 401 with every plugin's challenge
 (``WWW-Authenticate``), unless one of them names an ``anonymous`` consumer.
@@ -21,6 +21,7 @@ import hmac
 import logging
 import math
 import os
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -117,6 +118,9 @@ def _remove_cookie(ctx: Ctx, name: bytes) -> None:
     ctx.req.headers[:] = out
 
 
+_JWT_SHAPE = re.compile(rb"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*\Z")
+
+
 def _bearer(value: bytes) -> bytes | None:
     if value[:7].lower() == b"bearer ":
         token = value[7:].strip()
@@ -145,7 +149,7 @@ class AuthPlugin(Plugin):
         route_name = route.name if route is not None else ""
         self._family = family
         self._labels = (route_name, self.name)
-        self._later: bool | None = None  # another auth plugin runs after this one
+        self._later: frozenset[str] | None = None  # auth plugins that run after this one
 
     def count(self, reason: str) -> None:
         self._family.labels(*self._labels, reason).inc()
@@ -154,24 +158,22 @@ class AuthPlugin(Plugin):
         self.count(reason)
         return Reply.error(401, code, message, [(b"www-authenticate", challenge or self.challenge)])
 
-    def _has_later_auth(self, ctx: Ctx) -> bool:
-        pipe = ctx.route.pipeline
-        if pipe is None:
-            return False
-        plugins = pipe.plugins
-        try:
-            at = plugins.index(self)
-        except ValueError:
-            return False
-        return any(isinstance(p, AuthPlugin) for p in plugins[at + 1 :])
+    def later_auth(self, ctx: Ctx) -> frozenset[str]:
+        """The names of the auth plugins that run after this one on the route (found on the
+        first request, then kept: a plugin instance belongs to one compiled route)."""
+        later = self._later
+        if later is None:
+            pipe = ctx.route.pipeline
+            plugins = pipe.plugins if pipe is not None else ()
+            at = plugins.index(self) if self in plugins else len(plugins)
+            later = frozenset(p.name for p in plugins[at + 1 :] if isinstance(p, AuthPlugin))
+            self._later = later
+        return later
 
     def no_credential(self, ctx: Ctx) -> Reply | None:
         """This plugin found nothing to check: leave it to a later auth plugin, or (the last
         one) fall back to ``anonymous`` or answer 401 with every plugin's challenge."""
-        later = self._later
-        if later is None:
-            later = self._later = self._has_later_auth(ctx)
-        if later:
+        if self.later_auth(ctx):
             if ctx.vars is None:
                 ctx.vars = {}
             ctx.vars.setdefault("auth.pending", []).append(self)
@@ -202,7 +204,7 @@ class KeyAuthPlugin(AuthPlugin):
     """API keys from a header, ``Authorization: Bearer`` or a query parameter."""
 
     name = "key_auth"
-    priority = 2550
+    priority = 2500
     scheme = b"Key"
 
     def __init__(self, config: KeyAuth, env: PluginEnv, route: CompiledRoute | None) -> None:
@@ -238,6 +240,8 @@ class KeyAuthPlugin(AuthPlugin):
             if auth is not None:
                 key = _bearer(auth)
                 where = b""
+                if key is not None and _JWT_SHAPE.match(key) and "jwt_auth" in self.later_auth(ctx):
+                    key = None  # a JSON Web Token: jwt_auth's credential, not an API key
         if key is None and self.query_names:
             found = _query_param(req.query, self.query_names)
             if found is not None:
@@ -280,7 +284,7 @@ class BasicAuthPlugin(AuthPlugin):
     a bounded LRU, so a steady client costs one dict look-up."""
 
     name = "basic_auth"
-    priority = 2500
+    priority = 2400
     scheme = b"Basic"
 
     def __init__(self, config: BasicAuth, env: PluginEnv, route: CompiledRoute | None) -> None:
@@ -569,7 +573,7 @@ class JwtAuthPlugin(AuthPlugin):
     """JSON Web Tokens: HS256, RS256, ES256; keys from the plugin, consumers or a JWKS URL."""
 
     name = "jwt_auth"
-    priority = 2600
+    priority = 2450
     scheme = b"Bearer"
 
     def __init__(self, config: JwtAuth, env: PluginEnv, route: CompiledRoute | None) -> None:
@@ -674,10 +678,7 @@ class JwtAuthPlugin(AuthPlugin):
         if found is None:
             return self.no_credential(ctx)
         token, name, where = found
-        if token.count(b".") != 2:
-            if where == "bearer":
-                # not a JWT: an API key for key_auth, perhaps; not this plugin's credential
-                return self.no_credential(ctx)
+        if not _JWT_SHAPE.match(token):
             return self.invalid("invalid_token", "malformed token")
         digest = hashlib.sha256(token).digest()
         hit = self._cache.get(digest)
@@ -886,7 +887,7 @@ class AclPlugin(Plugin):
     no auth plugin found a consumer."""
 
     name = "acl"
-    priority = 2400
+    priority = 2350
 
     def __init__(self, config: Acl, env: PluginEnv, route: CompiledRoute | None) -> None:
         super().__init__(config, env, route)
