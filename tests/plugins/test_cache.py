@@ -658,7 +658,7 @@ async def test_concurrent_misses_send_one_request_upstream(clock: Clock) -> None
         up.gate.set()
         replies = await asyncio.gather(*tasks)
         assert {(r.status, r.body) for r in replies} == {(200, b"/hot v1")}
-        assert sorted(r.header(b"x-cache") for r in replies) == [b"HIT"] * 49 + [b"MISS"]
+        assert sorted(r.header(b"x-cache") or b"" for r in replies) == [b"HIT"] * 49 + [b"MISS"]
         assert up.count() == 1
         assert not zone_of(app, "r").inflight
     finally:

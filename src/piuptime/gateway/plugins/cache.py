@@ -594,7 +594,8 @@ class CachePlugin(Plugin):
             status, answer, body = got
             if status == 304:
                 status, body = entry.status, entry.body
-                answer = _merge_304(entry.headers, answer)
+                timing = [h for h in answer if h[0] == b"date" or h[0] == b"age"]
+                answer = _merge_304(entry.headers, answer) + timing
             elif body is None:
                 return  # too large to keep now
             fresh = self.policy.decide(status, answer, now())
