@@ -38,6 +38,7 @@ from piuptime.gateway.clientip import parse_ip
 from piuptime.gateway.headers import upstream_request_fields
 from piuptime.gateway.plugins import register
 from piuptime.gateway.plugins.base import Ctx, Headers, Plugin, PluginEnv, Reply, RequestResult
+from piuptime.gateway.proxy import _hash_key
 from piuptime.http1.client import UpstreamError
 from piuptime.state import StateUnavailable
 
@@ -545,12 +546,15 @@ class CachePlugin(Plugin):
             path = route.upstream_path(req.path, req.query, ctx.match)
         else:
             path = req.target
+        upstream = ctx.upstream
+        hash_key = _hash_key(req, upstream.hash_on) if upstream.hash_on is not None else None
         work = self._refresh(
             key,
             rid,
             sub,
             entry,
-            ctx.upstream,
+            upstream,
+            hash_key,
             headers,
             path,
             ctx.host,
@@ -572,6 +576,7 @@ class CachePlugin(Plugin):
         sub: bytes,
         entry: Entry,
         upstream: UpstreamRuntime,
+        hash_key: bytes | None,
         headers: Headers,
         path: bytes,
         host: bytes | None,
@@ -588,7 +593,9 @@ class CachePlugin(Plugin):
                 except StateUnavailable:
                     self.errors.inc()
                     return
-            got = await self._fetch(upstream, headers, path, host, original_host, client_ip, proto)
+            got = await self._fetch(
+                upstream, hash_key, headers, path, host, original_host, client_ip, proto
+            )
             if got is None:
                 return
             status, answer, body = got
@@ -632,6 +639,7 @@ class CachePlugin(Plugin):
     async def _fetch(
         self,
         upstream: UpstreamRuntime,
+        hash_key: bytes | None,
         headers: Headers,
         path: bytes,
         host: bytes | None,
@@ -641,7 +649,7 @@ class CachePlugin(Plugin):
     ) -> tuple[int, Headers, bytes | None] | None:
         """One GET to a target of the upstream, accounted like any attempt; the body is None
         when larger than ``max_entry_bytes``; None when the upstream could not answer."""
-        target = upstream.choose((), None)
+        target = upstream.choose((), hash_key)  # the target the request would go to
         if target is None:
             return None
         route = self.route
