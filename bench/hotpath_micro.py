@@ -8,6 +8,7 @@ does (syscalls, the event loop's polling), so the figure is the gateway's own CP
 
     uv run python bench/hotpath_micro.py                 # 200,000 requests, best of 5
     uv run python bench/hotpath_micro.py --profile       # the same under cProfile, top 25
+    uv run python bench/hotpath_micro.py --policies      # with key_auth and a memory rate_limit
 
 Compare the figure with ``bench/cpu_per_request.py``'s user-time column.
 """
@@ -42,7 +43,16 @@ routes:
     upstream: backend
 """
 
+POLICIES = """
+consumers:
+  bench: {keys: ["bench-key-0123456789"], groups: [bench]}
+plugins:
+  key_auth: {}
+  rate_limit: {limit: 100000000, window: 1m, per: consumer}
+"""
+
 REQUEST = b"GET / HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n\r\n"
+REQUEST_WITH_KEY = b"GET / HTTP/1.1\r\nHost: 127.0.0.1:8080\r\napikey: bench-key-0123456789\r\n\r\n"
 BODY = b"hello from the upstream\n"
 RESPONSE = (
     b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Sun, 22 Nov 2026 10:00:00 GMT\r\n"
@@ -83,8 +93,8 @@ class MemoryTransport:
         self.closing = True
 
 
-async def setup() -> tuple[object, object, MemoryTransport, MemoryTransport]:
-    config = parse_config(CONFIG, "bench.yaml")
+async def setup(policies: bool) -> tuple[object, object, MemoryTransport, MemoryTransport]:
+    config = parse_config(CONFIG + (POLICIES if policies else ""), "bench.yaml")
     runtime = compile_runtime(config)
     handler = ProxyHandler(runtime, AccessLog("off"))
     from piuptime.app import server_limits
@@ -104,12 +114,19 @@ async def setup() -> tuple[object, object, MemoryTransport, MemoryTransport]:
     return down, up, down_t, up_t
 
 
-def run(n: int, down: object, up: object, down_t: MemoryTransport, up_t: MemoryTransport) -> float:
+def run(
+    n: int,
+    down: object,
+    up: object,
+    down_t: MemoryTransport,
+    up_t: MemoryTransport,
+    request: bytes = REQUEST,
+) -> float:
     feed_down = down.data_received  # type: ignore[attr-defined]
     feed_up = up.data_received  # type: ignore[attr-defined]
     t0 = time.perf_counter()
     for _ in range(n):
-        feed_down(REQUEST)
+        feed_down(request)
         feed_up(RESPONSE)
     elapsed = time.perf_counter() - t0
     assert len(up_t.out) >= n and len(down_t.out) >= n, (len(up_t.out), len(down_t.out))
@@ -125,18 +142,21 @@ async def main() -> None:
     ap.add_argument("-n", type=int, default=200_000)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--policies", action="store_true", help="key_auth + memory rate_limit")
     args = ap.parse_args()
-    down, up, down_t, up_t = await setup()
-    run(2000, down, up, down_t, up_t)  # warm
+    down, up, down_t, up_t = await setup(args.policies)
+    request = REQUEST_WITH_KEY if args.policies else REQUEST
+    run(2000, down, up, down_t, up_t, request)  # warm
     if args.profile:
         prof = cProfile.Profile()
         prof.enable()
-        run(args.n, down, up, down_t, up_t)
+        run(args.n, down, up, down_t, up_t, request)
         prof.disable()
         pstats.Stats(prof).sort_stats("tottime").print_stats(25)
         return
-    best = min(run(args.n, down, up, down_t, up_t) for _ in range(args.rounds))
-    print(f"piuptime proxy path: {best * 1e6:.2f} us per request (best of {args.rounds})")
+    best = min(run(args.n, down, up, down_t, up_t, request) for _ in range(args.rounds))
+    what = "proxy path with key_auth + rate_limit" if args.policies else "proxy path"
+    print(f"piuptime {what}: {best * 1e6:.2f} us per request (best of {args.rounds})")
 
 
 if __name__ == "__main__":

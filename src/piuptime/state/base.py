@@ -48,7 +48,9 @@ class StateUnavailable(Exception):
     """
 
 
-@dataclass(slots=True, frozen=True)
+# Not frozen: a frozen dataclass sets each field through object.__setattr__, several times the
+# cost of a plain slots class, and one of these is made per rate-limited request.
+@dataclass(slots=True)
 class WindowResult:
     allowed: bool
     limit: int
@@ -56,7 +58,7 @@ class WindowResult:
     reset: float  # seconds until the current window ends
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class BucketResult:
     allowed: bool
     limit: int  # the bucket's capacity (burst)

@@ -8,6 +8,7 @@ tuples of bound methods, with no look-ups and no config parsing.
 
 from __future__ import annotations
 
+import importlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
@@ -141,29 +142,50 @@ def compile_pipeline(
     configs: dict[str, BaseModel], env: PluginEnv, route: CompiledRoute | None
 ) -> Pipeline | None:
     """Instantiate the configured plugins for one route; None when it has none."""
-    _load_handlers()
     plugins: list[Plugin] = []
     for name, cfg in configs.items():
-        cls = REGISTRY.get(name)
-        if cls is None:  # a schema without a handler is a bug of ours, not the user's
-            raise RuntimeError(f"plugin {name!r} has a schema but no handler")
-        plugins.append(cls(cfg, env, route))
+        plugins.append(handler(name)(cfg, env, route))
     return Pipeline(plugins) if plugins else None
 
 
-_loaded = False
+#: plugin name → the module of its handler, imported the first time a config uses the plugin:
+#: a gateway without jwt_auth never loads PyJWT and cryptography, one without the cache never
+#: loads the cache (start-up time and memory on a Pi)
+HANDLER_MODULES = {
+    "request_id": "transform",
+    "cors": "transform",
+    "ip_restriction": "transform",
+    "request_size": "transform",
+    "request_transformer": "transform",
+    "response_transformer": "transform",
+    "proxy_rewrite": "transform",
+    "key_auth": "auth",
+    "basic_auth": "auth",
+    "acl": "auth",
+    "jwt_auth": "jwt",
+    "rate_limit": "ratelimit",
+    "limit_concurrency": "ratelimit",
+    "fault_injection": "traffic",
+    "traffic_split": "traffic",
+    "mirror": "traffic",
+    "cache": "cache",
+}
+
+
+def handler(name: str) -> type[Plugin]:
+    """The handler class of plugin ``name``, importing its module on first use."""
+    cls = REGISTRY.get(name)
+    if cls is None:
+        module = HANDLER_MODULES.get(name)
+        if module is not None:
+            importlib.import_module(f"piuptime.gateway.plugins.{module}")
+            cls = REGISTRY.get(name)
+        if cls is None:  # a schema without a handler is a bug of ours, not the user's
+            raise RuntimeError(f"plugin {name!r} has a schema but no handler")
+    return cls
 
 
 def _load_handlers() -> None:
-    """Import the handler modules (each registers its classes)."""
-    global _loaded
-    if _loaded:
-        return
-    import importlib
-
-    for module in _HANDLER_MODULES:
+    """Import every handler module (tests and tools that list the plugins)."""
+    for module in dict.fromkeys(HANDLER_MODULES.values()):
         importlib.import_module(f"piuptime.gateway.plugins.{module}")
-    _loaded = True
-
-
-_HANDLER_MODULES = ("transform", "traffic", "ratelimit", "auth", "cache")
