@@ -15,7 +15,7 @@ import pytest
 from piuptime.config import ConfigError, parse_config
 from piuptime.config.plugins.auth import PasswordHash, hash_password
 from piuptime.gateway.consumers import Consumers
-from tests.support import Upstream, fetch, gateway_yaml, start_app
+from tests.support import RawClient, Upstream, fetch, gateway_yaml, start_app
 
 KITCHEN_KEY = "kitchen-secret-key-1"
 GARDEN_KEY = "garden-secret-key-2"
@@ -171,6 +171,48 @@ async def test_spoofed_consumer_headers_are_removed(up: Upstream) -> None:
         assert [v for n, v in got if n == b"x-consumer-username"] == [b"guest"]
         assert [v for n, v in got if n == b"x-anonymous-consumer"] == [b"true"]
         assert not any(v == b"admins" for _, v in got)
+    finally:
+        await app.stop()
+
+
+async def test_key_headers_in_any_number_never_reach_the_upstream(up: Upstream) -> None:
+    routes = route("keys", "/", "{key_auth: {header_names: [apikey, x-api-key]}}")
+    app, port = await start_app(cfg(up, routes, CONSUMERS))
+    try:
+        c = await RawClient.connect(port)
+        try:
+            # two key headers: the first configured name wins, neither goes upstream
+            await c.send(
+                b"GET /two HTTP/1.1\r\nHost: t\r\nx-api-key: nope\r\n"
+                b"apikey: " + KITCHEN_KEY.encode() + b"\r\napikey: other\r\n\r\n"
+            )
+            r = await c.read_response()
+            assert r.status == 200
+            got = up.seen[-1].headers
+            assert not any(n in (b"apikey", b"x-api-key") for n, _ in got), got
+            assert dict(got)[b"x-consumer-username"] == b"kitchen-app"
+            # an empty key header does not hide a bearer key
+            await c.send(
+                b"GET /bearer HTTP/1.1\r\nHost: t\r\napikey: \r\n"
+                b"Authorization: Bearer " + GARDEN_KEY.encode() + b"\r\n\r\n"
+            )
+            r = await c.read_response()
+            assert r.status == 200
+            got = up.seen[-1].headers
+            assert dict(got)[b"x-consumer-username"] == b"garden"
+            assert not any(n == b"authorization" for n, _ in got)
+            # the second configured name alone
+            await c.send(
+                b"GET /second HTTP/1.1\r\nHost: t\r\nX-API-Key: "
+                + GARDEN_KEY.encode()
+                + b"\r\n\r\n"
+            )
+            r = await c.read_response()
+            assert (
+                r.status == 200 and dict(up.seen[-1].headers)[b"x-consumer-username"] == b"garden"
+            )
+        finally:
+            await c.close()
     finally:
         await app.stop()
 

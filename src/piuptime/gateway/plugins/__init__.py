@@ -77,13 +77,13 @@ class Pipeline:
         """Run the access phase: ``None`` (go upstream), a ``Reply``, or an awaitable of
         either when a hook had to wait (the remaining hooks run inside it)."""
         hooks = self.request
-        for i, hook in enumerate(hooks):
+        for hook in hooks:
             r = hook(ctx)
             if r is None:
                 continue
             if type(r) is Reply:
                 return r
-            return self._continue(ctx, r, i + 1)  # type: ignore[arg-type]
+            return self._continue(ctx, r, hooks.index(hook) + 1)  # type: ignore[arg-type]
         return None
 
     async def _continue(

@@ -203,6 +203,7 @@ class KeyAuthPlugin(AuthPlugin):
     def __init__(self, config: KeyAuth, env: PluginEnv, route: CompiledRoute | None) -> None:
         super().__init__(config, env, route)
         self.headers = tuple(n.lower().encode() for n in config.header_names)
+        self.ranks = {name: i for i, name in enumerate(self.headers)}
         self.bearer = config.bearer
         self.query_names = tuple(n.encode() for n in config.query_names)
         self.query_set = frozenset(self.query_names)
@@ -220,36 +221,61 @@ class KeyAuthPlugin(AuthPlugin):
         if ctx.consumer is not None:
             return None
         req = ctx.req
-        strip_identity_headers(req.headers)
+        headers = req.headers
+        # one pass over the headers: the key's header (the first configured name present
+        # wins), Authorization, and any identity header a client sent to pass for a consumer
         key: bytes | None = None
-        where: bytes | None = None  # header name, b"" for bearer, None for the query
-        for name in self.headers:
-            value = ctx.header(name)
-            if value:
-                key, where = value, name
-                break
-        if key is None and self.bearer:
-            auth = ctx.header(_AUTHORIZATION)
-            if auth is not None:
-                key = _bearer(auth)
-                where = b""
-                if key is not None and _JWT_SHAPE.match(key) and "jwt_auth" in self.later_auth(ctx):
+        rank = len(self.headers)
+        at = -1  # index of the key's header
+        auth_at = -1
+        spoofed = False
+        ranks = self.ranks
+        key_headers = 0
+        for i, (name, value) in enumerate(headers):
+            r = ranks.get(name)
+            if r is not None:
+                key_headers += 1
+                if r < rank and value:
+                    key, rank, at = value, r, i
+            elif name == _AUTHORIZATION:
+                if auth_at < 0:
+                    auth_at = i
+            elif name[:11] == _X_CONSUMER or name in _IDENTITY:
+                spoofed = True
+        bearer = False
+        if key is None and self.bearer and auth_at >= 0:
+            key = _bearer(headers[auth_at][1])
+            if key is not None:
+                bearer = True
+                at = auth_at
+                if _JWT_SHAPE.match(key) and "jwt_auth" in self.later_auth(ctx):
                     key = None  # a JSON Web Token: jwt_auth's credential, not an API key
+                    at = -1
+        from_query = False
         if key is None and self.query_names:
             found = _query_param(req.query, self.query_names)
             if found is not None:
                 key = found[1]
+                from_query = True
         if key is None:
+            if spoofed:
+                strip_identity_headers(headers)
             return self.no_credential(ctx)
         hit = self.consumers.by_key(key)
         if hit is None:
-            challenge = self.bearer_challenge if where == b"" else None
+            challenge = self.bearer_challenge if bearer else None
             return self.reject("invalid", "invalid_credentials", "unknown API key", challenge)
         if self.hide:
-            if where is None:
+            if from_query:
                 req.query = _without_params(req.query, self.query_set)
+            elif bearer:
+                ctx.remove_request_header(_AUTHORIZATION)
+            elif key_headers > 1:  # several key headers: none of them goes upstream
+                headers[:] = [(n, v) for n, v in headers if n not in ranks]
             else:
-                ctx.remove_request_header(where or _AUTHORIZATION)
+                del headers[at]  # the usual case: one header, removed in place
+        if spoofed:
+            strip_identity_headers(headers)
         grant(ctx, hit[0], hit[1])
         return None
 
