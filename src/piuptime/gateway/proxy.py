@@ -68,6 +68,9 @@ class ProxyHandler:
         self.runtime = runtime
         self.access_log = access_log
         self.ids = RequestIds()
+        # called in the log phase with each request's access-log entry (metrics, analytics);
+        # never raise, never block
+        self.observers: tuple[Callable[[dict[str, Any]], None], ...] = ()
         # uvloop's loop.time() has millisecond resolution: too coarse for latency figures.
         self._loop_time: Callable[[], float] = time.perf_counter
 
@@ -509,32 +512,34 @@ class ProxyHandler:
     ) -> None:
         if ctx is not None:
             ctx.route.pipeline.finish(ctx)  # type: ignore[union-attr]
-        if not self.access_log.enabled:
+        observers = self.observers
+        if not observers and not self.access_log.enabled:
             return
         total = self._loop_time() - req.start_time
         consumer = ctx.consumer if ctx is not None else None
         upstream = ctx.upstream if ctx is not None else (route.upstream if route else None)
         request_id = ctx.request_id if ctx is not None else None
-        self.access_log.record(
-            {
-                "time": now_iso(),
-                "request_id": request_id or _request_id(req) or self.ids.next(),
-                "route": route.name if route is not None else None,
-                "consumer": consumer.name if consumer is not None else None,
-                "method": req.method.decode("latin-1"),
-                "path": req.path.decode("latin-1"),
-                "status": resp.status,
-                "bytes": resp.bytes_sent,
-                "upstream": upstream.name if upstream is not None else None,
-                "target": tried[-1].label if tried else None,
-                "attempts": len(tried),
-                "tried": [t.label for t in tried],
-                "cache": ctx.cache if ctx is not None else None,
-                "total_ms": round(total * 1000, 3),
-                "upstream_ms": round(upstream_time * 1000, 3),
-                "gateway_ms": round((total - upstream_time) * 1000, 3),
-            }
-        )
+        entry = {
+            "time": now_iso(),
+            "request_id": request_id or _request_id(req) or self.ids.next(),
+            "route": route.name if route is not None else None,
+            "consumer": consumer.name if consumer is not None else None,
+            "method": req.method.decode("latin-1"),
+            "path": req.path.decode("latin-1"),
+            "status": resp.status,
+            "bytes": resp.bytes_sent,
+            "upstream": upstream.name if upstream is not None else None,
+            "target": tried[-1].label if tried else None,
+            "attempts": len(tried),
+            "tried": [t.label for t in tried],
+            "cache": ctx.cache if ctx is not None else None,
+            "total_ms": round(total * 1000, 3),
+            "upstream_ms": round(upstream_time * 1000, 3),
+            "gateway_ms": round((total - upstream_time) * 1000, 3),
+        }
+        self.access_log.record(entry)
+        for observe in observers:
+            observe(entry)
 
 
 class _Exchange:
