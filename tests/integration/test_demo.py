@@ -35,6 +35,18 @@ async def test_demo_serves_spreads_load_and_stops_cleanly() -> None:
         echo = await fetch(port, "/echo", method="POST", body=b"hello")
         assert echo.body == b"hello"
         assert (await fetch(port, "/nope")).status == 404
+        # the policies route: a key, a cache, a rate limit of 5 per 10 s
+        assert (await fetch(port, "/api/temperature")).status == 401
+        key = {"apikey": "demo-kitchen-key"}
+        first = await fetch(port, "/api/temperature", headers=key)
+        assert first.status == 200 and first.header(b"x-cache") == b"MISS"
+        assert first.header(b"x-request-id") is not None
+        second = await fetch(port, "/api/temperature", headers=key)
+        assert second.header(b"x-cache") == b"HIT" and second.body == first.body
+        statuses = [(await fetch(port, "/api/t", headers=key)).status for _ in range(5)]
+        # 5 allowed in all (two above); a 10 s window boundary crossed meanwhile may let the
+        # sliding window's decay admit one more, never two
+        assert statuses[:3] == [200, 200, 200] and statuses[-1] == 429, statuses
         # Ctrl-C in a terminal signals the whole foreground process group.
         os.killpg(proc.pid, signal.SIGINT)
         assert await asyncio.to_thread(proc.wait, 15) == 0

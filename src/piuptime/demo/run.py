@@ -55,7 +55,23 @@ routes:
     match: {{path: /device/}}
     upstream: devices
     strip_prefix: true
+  - name: api                          # the same devices behind traffic policies
+    match: {{path: /api/, methods: [GET, HEAD]}}
+    upstream: devices
+    strip_prefix: true
+    plugins:
+      key_auth: {{}}                     # apikey header, Authorization: Bearer or ?apikey=
+      rate_limit: {{limit: 5, window: 10s, per: consumer}}
+      cache: {{ttl: 5s, stale_if_error: 5m}}   # and answers from the stale copy if every device is down
+
+consumers:
+  kitchen-app: {{keys: ["{key}"], groups: [apps]}}
+
+plugins:                               # every route
+  request_id: {{}}                     # X-Request-ID made or kept, echoed and logged
 """
+
+DEMO_KEY = "demo-kitchen-key"
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -132,7 +148,14 @@ def main(port: int = 8080, device_port: int = 9001) -> int:
         admin_port = ADMIN_PORT if _port_free("127.0.0.1", ADMIN_PORT) else _any_free_port()
         config_path = workdir / "piuptime.yaml"
         config_path.write_text(
-            CONFIG.format(port=port, admin_port=admin_port, p1=ports[0], p2=ports[1], p3=ports[2])
+            CONFIG.format(
+                port=port,
+                admin_port=admin_port,
+                p1=ports[0],
+                p2=ports[1],
+                p3=ports[2],
+                key=DEMO_KEY,
+            )
         )
         config = load_config(config_path)
         _print_banner(port, ports, procs, config_path)
@@ -192,6 +215,13 @@ Try (in another terminal):
   curl -sN {gw}/stream                    # a streamed (chunked) answer
   curl -s {gw}/device/healthz             # strip_prefix: the device sees /healthz
   curl -s {gw}/nope                       # no route: 404 with a JSON body
+
+Traffic policies on /api/ (key_auth, 5 requests per 10 s per consumer, a 5 s cache):
+  curl -si {gw}/api/temperature           # 401: no key
+  curl -si -H 'apikey: {DEMO_KEY}' {gw}/api/temperature
+                                          # X-Cache: MISS then HIT, RateLimit-* headers
+  for i in 1 2 3 4 5 6 7; do curl -s -o /dev/null -w '%{{http_code}} ' \
+      -H 'apikey: {DEMO_KEY}' {gw}/api/t; done; echo     # 429 once the 5 are used
 
 Failover: kill a device and watch its traffic move to the others, without a failed request.
   # terminal 2: one line per request (the answering device, then the status)
