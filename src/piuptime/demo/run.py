@@ -62,7 +62,7 @@ routes:
     plugins:
       key_auth: {{}}                     # apikey header, Authorization: Bearer or ?apikey=
       rate_limit: {{limit: 5, window: 10s, per: consumer}}
-      cache: {{ttl: 5s, stale_if_error: 5m}}   # and answers from the stale copy if every device is down
+      cache: {{ttl: 5s, stale_if_error: 5m}}   # stale copies while every device is down
 
 consumers:
   kitchen-app: {{keys: ["{key}"], groups: [apps]}}
