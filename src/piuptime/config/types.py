@@ -9,7 +9,7 @@ import os
 import re
 from typing import Annotated, Any
 
-from pydantic import BeforeValidator, ConfigDict
+from pydantic import AfterValidator, BeforeValidator, ConfigDict
 
 from .units import UnitError, parse_duration, parse_percent, parse_size
 
@@ -145,3 +145,15 @@ def _model() -> ConfigDict:
 
 # --------------------------------------------------------------------------------------------
 # gateway
+
+
+def _regex(value: str) -> str:
+    try:
+        re.compile(value)
+    except re.error as exc:
+        raise ValueError(f"not a valid regular expression: {exc}") from None
+    return value
+
+
+#: A regular expression (Python ``re`` syntax), checked when the config is loaded.
+Regex = Annotated[str, AfterValidator(_regex)]

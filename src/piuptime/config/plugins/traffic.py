@@ -7,7 +7,6 @@ name must exist); ``piuptime.config.schema.config_problems`` calls it for every 
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, Field, field_validator, model_validator
@@ -17,6 +16,7 @@ from ..types import (
     Loc,
     Percent,
     PositiveDuration,
+    Regex,
     SchemaValueError,
     Size,
     _is_token,
@@ -70,18 +70,8 @@ class Condition(BaseModel):
     model_config = _model()
 
     equals: str | None = None
-    regex: str | None = None
+    regex: Regex | None = None
     present: bool | None = None
-
-    @field_validator("regex")
-    @classmethod
-    def _regex(cls, value: str | None) -> str | None:
-        if value is not None:
-            try:
-                re.compile(value)
-            except re.error as exc:
-                raise ValueError(f"not a valid regular expression: {exc}") from None
-        return value
 
     @model_validator(mode="after")
     def _one(self) -> Condition:

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, Field, field_validator
 
-from ..types import Duration, Int, Size, _is_token, _model
+from ..types import Duration, Int, Regex, Size, _is_token, _model
 
 
 def _names(value: Any) -> Any:
@@ -172,16 +172,6 @@ class ProxyRewrite(BaseModel):
 
     model_config = _model()
 
-    regex: str | None = None
+    regex: Regex | None = None
     replace: str = ""
     host: str | None = None
-
-    @field_validator("regex")
-    @classmethod
-    def _regex(cls, value: str | None) -> str | None:
-        if value is not None:
-            try:
-                re.compile(value)
-            except re.error as exc:
-                raise ValueError(f"not a valid regular expression: {exc}") from None
-        return value
