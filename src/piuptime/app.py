@@ -21,9 +21,8 @@ import time
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from piuptime.admin import AdminServer
 from piuptime.config import Config, ConfigError, load_config
 from piuptime.config.schema import Listener
 from piuptime.gateway.consumers import Consumers
@@ -36,6 +35,9 @@ from piuptime.observe.metrics import Metrics
 from piuptime.state import open_stores
 from piuptime.state.memory import MemoryStores
 from piuptime.systemd import Notifier
+
+if TYPE_CHECKING:
+    from piuptime.admin.server import AdminServer
 
 log = logging.getLogger("piuptime")
 
@@ -121,6 +123,8 @@ class App:
             self.servers.append(server)
             self._tls.append(ctx)
         if self.config.admin is not None:
+            from piuptime.admin.server import AdminServer  # FastAPI loads only here
+
             self.admin = AdminServer(self, self.config.admin)
             await self.admin.start()
         self.notifier.ready(f"serving on {', '.join(self.addresses())}")
@@ -291,6 +295,11 @@ class App:
                 await self.reload("file changed")
 
     # -- stop --------------------------------------------------------------------------------
+
+    @property
+    def draining(self) -> bool:
+        """True once stopping began (the admin /readyz answers 503 from then on)."""
+        return self._stop.is_set()
 
     def request_stop(self) -> None:
         self._stop.set()

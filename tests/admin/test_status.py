@@ -67,7 +67,7 @@ def config_text(ups: list[Upstream], admin: str | None) -> str:
 
 def admin_port(app: Any) -> int:
     assert app.admin is not None
-    return int(app.admin.server.sockets[0].getsockname()[1])
+    return int(app.admin.port)
 
 
 def bearer(token: str) -> dict[str, str]:

@@ -1,9 +1,29 @@
-"""The admin listener: live state for operators (``GET /status``, ``GET /healthz``).
+"""The admin listener: the FastAPI admin API (``/api/v1``), ``/status``, ``/metrics``,
+``/healthz`` and ``/readyz`` on ``admin.listen`` (see docs/admin-api.md).
 
-A deliberately small handler on piuptime's own HTTP/1.1 server; the FastAPI admin API of issue 5
-replaces it. ``piuptime status`` (:mod:`piuptime.admin.client`) reads ``/status``.
+- :mod:`piuptime.admin.server`: :class:`AdminServer`, uvicorn on the gateway's event loop.
+- :mod:`piuptime.admin.api`: ``create_app``, the ``require_token`` dependency, ``audit``.
+- :mod:`piuptime.admin.audit`: the audit log (who changed what, when).
+- :mod:`piuptime.admin.redact`: secrets out of a config.
+- :mod:`piuptime.admin.client`: ``piuptime status`` (standard library only).
+
+Nothing heavy is imported here: FastAPI and uvicorn load only when a gateway starts an admin
+listener, so ``piuptime status`` and a gateway without an ``admin:`` section start fast.
 """
 
-from .server import AdminServer, StatusSource, status_document
+from __future__ import annotations
 
-__all__ = ["AdminServer", "StatusSource", "status_document"]
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .server import AdminServer
+
+__all__ = ["AdminServer"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "AdminServer":
+        from .server import AdminServer
+
+        return AdminServer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,127 +1,162 @@
-"""The admin listener: ``GET /status`` (live state as JSON), ``GET /metrics`` (Prometheus text)
-and ``GET /healthz``.
+"""The admin listener: the FastAPI admin API (:mod:`piuptime.admin.api`) served by uvicorn on the
+gateway's own event loop, on its own address (``admin.listen``), only when the config has an
+``admin:`` section.
 
-It runs on piuptime's own HTTP/1.1 server, on its own address (``admin.listen``), only when the
-config has an ``admin:`` section. With ``admin.token`` set, every request but ``/healthz`` must
-carry ``Authorization: Bearer <token>``; the config refuses a listener off loopback without one.
+Why uvicorn in-process: it is the well-kept ASGI server FastAPI is made for, and it runs as a
+few protocol objects and one ticking task on the loop the gateway already has (no thread, no
+second process). Three things are done here so it fits the gateway's life rather than its own:
 
-Reload: a changed ``admin.token`` applies to the next request; a changed ``admin.listen`` (or an
+- the socket is bound here, before uvicorn sees it, so a taken port is an ``OSError`` at
+  ``App.start`` (uvicorn would ``sys.exit``), and ``:0`` gives its real port at once;
+- uvicorn's signal capture is switched off (``capture_signals``): SIGTERM, SIGINT and SIGHUP
+  stay the gateway's (drain, reload);
+- its ``startup``/``main_loop``/``shutdown`` are driven from :meth:`AdminServer.start` and
+  :meth:`AdminServer.aclose`: stop accepting, close idle connections, let requests in flight
+  finish up to the timeout, then cancel what is left.
+
+Reload: a changed token set applies to the next request; a changed ``admin.listen`` (or an
 ``admin:`` section added or removed) needs a restart, and until then the listener keeps its
-address *and* its previous token, so a reload can never leave an exposed listener open.
+address *and* its previous tokens, so a reload can never leave an exposed listener open.
 """
 
 from __future__ import annotations
 
-import hmac
+import asyncio
+import contextlib
 import logging
-import time
+import socket
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any
 
-import orjson
+import uvicorn
+from fastapi import APIRouter
 
-from piuptime import __version__
-from piuptime.config.schema import AdminConfig, Config
-from piuptime.http1.errors import error_body
-from piuptime.http1.server import Request, Responder, Server, ServerLimits
+from piuptime.config.schema import AdminConfig
 
-if TYPE_CHECKING:
-    from piuptime.gateway.runtime import Runtime
-    from piuptime.observe.metrics import Metrics
+from .api import AdminContext, AdminSource, TokenSet, create_app, status_document
+from .audit import AuditLog, SQLiteAuditLog
 
-__all__ = ["ADMIN_LIMITS", "AdminServer", "StatusSource", "status_document"]
+__all__ = ["AdminServer", "status_document"]
 
 log = logging.getLogger("piuptime.admin")
 
-#: The admin endpoints take no request body; keep what a client may send small.
-ADMIN_LIMITS = ServerLimits(
-    max_header_bytes=16 * 1024,
-    max_header_count=100,
-    max_body_bytes=64 * 1024,
-    header_timeout=10.0,
-    idle_timeout=75.0,
-    body_timeout=10.0,
-)
+
+class _EmbeddedServer(uvicorn.Server):
+    """uvicorn without its signal handlers: the gateway owns the process's signals."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
 
 
-class ReloadView(Protocol):
-    @property
-    def succeeded(self) -> int: ...
-    @property
-    def failed(self) -> int: ...
-    @property
-    def last_error(self) -> str | None: ...
-
-
-class StatusSource(Protocol):
-    """What ``/status`` reads: the running app (``piuptime.app.App``) fits."""
-
-    @property
-    def config(self) -> Config: ...
-    @property
-    def config_path(self) -> Path | None: ...
-    @property
-    def runtime(self) -> Runtime | None: ...
-    @property
-    def reloads(self) -> ReloadView: ...
-    @property
-    def metrics(self) -> Metrics: ...
-
-
-def status_document(source: StatusSource, uptime_s: float) -> dict[str, Any]:
-    """The ``/status`` body (see docs/operations.md)."""
-    runtime = source.runtime
-    path = source.config_path
-    reloads = source.reloads
-    return {
-        "version": __version__,
-        "uptime_s": round(uptime_s, 3),
-        "config": str(path) if path is not None else None,
-        "routes": len(source.config.routes),
-        "reloads": {
-            "succeeded": reloads.succeeded,
-            "failed": reloads.failed,
-            "last_error": reloads.last_error,
-        },
-        "upstreams": runtime.snapshot()["upstreams"] if runtime is not None else {},
-    }
-
-
-_JSON = b"application/json"
-_NO_STORE = (b"cache-control", b"no-store")
-_ALLOW = b"GET, HEAD"
-_READ_METHODS = frozenset({b"GET", b"HEAD"})
-_STATUS = b"/status"
-_HEALTHZ = b"/healthz"
-_METRICS = b"/metrics"
-_PROMETHEUS = b"text/plain; version=0.0.4; charset=utf-8"
-_HEALTHZ_BODY = orjson.dumps({"status": "ok"})
-_CHALLENGE = b'Bearer realm="piuptime"'
-_CHALLENGE_INVALID = b'Bearer realm="piuptime", error="invalid_token"'
+def _bind(host: str, port: int) -> list[socket.socket]:
+    """Listening sockets for ``host:port`` (``""``: every interface, IPv4 and IPv6)."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    sockets: list[socket.socket] = []
+    seen: set[Any] = set()
+    try:
+        for family, kind, proto, _, address in infos:
+            if (family, address) in seen:
+                continue
+            seen.add((family, address))
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.setblocking(False)
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
 
 
 class AdminServer:
     """The admin listener of one :class:`piuptime.app.App`."""
 
-    def __init__(self, source: StatusSource, settings: AdminConfig) -> None:
+    def __init__(
+        self,
+        source: AdminSource,
+        settings: AdminConfig,
+        *,
+        audit_log: AuditLog | None = None,
+        routers: Sequence[APIRouter] = (),
+        drain_timeout: float = 5.0,
+    ) -> None:
         self.source = source
         self.settings = settings
-        self.started = time.monotonic()
-        self.server = Server(self.handle, ADMIN_LIMITS)
+        self.tokens = TokenSet(settings)
+        self.audit_log: AuditLog = audit_log or SQLiteAuditLog(Path(source.config.store.sqlite))
+        self.app = create_app(source, tokens=self.tokens, audit_log=self.audit_log, routers=routers)
+        self.context: AdminContext = self.app.state.admin
+        self.drain_timeout = drain_timeout
+        self.sockets: list[socket.socket] = []
+        self._server: _EmbeddedServer | None = None
+        self._ticker: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
-        await self.server.listen(self.settings.host, self.settings.port)
-        auth = "bearer token required" if self.settings.token is not None else "no token"
-        log.info("admin listener on %s (%s)", self.address, auth)
+        self._note_file_later()
+        audit = self.audit_log
+        self.source.metrics.counter(
+            "admin_audit_failures",
+            "Admin changes whose audit entry could not be stored (written to the log instead).",
+            read=lambda: [((), float(audit.failures_total))],
+        )
+        try:
+            sockets = _bind(self.settings.host, self.settings.port)
+        except OSError as exc:
+            raise OSError(
+                exc.errno, f"admin listener on {self.settings.listen}: {exc.strerror or exc}"
+            ) from None
+        config = uvicorn.Config(
+            self.app,
+            loop="none",
+            lifespan="off",
+            http="httptools",
+            ws="none",
+            interface="asgi3",
+            log_config=None,
+            access_log=False,
+            server_header=False,
+            proxy_headers=False,
+            timeout_keep_alive=30,
+            timeout_graceful_shutdown=int(self.drain_timeout) or 1,
+            backlog=128,
+        )
+        config.load()
+        server = _EmbeddedServer(config)
+        server.lifespan = config.lifespan_class(config)
+        try:
+            await server.startup(sockets=sockets)
+        except BaseException:
+            for sock in sockets:
+                sock.close()
+            raise
+        self.sockets = sockets
+        self._server = server
+        self._ticker = asyncio.get_running_loop().create_task(server.main_loop())
+        who = ", ".join(self.settings.named_tokens()) or "no token"
+        log.info("admin listener on %s (tokens: %s)", self.address, who)
+
+    @property
+    def port(self) -> int:
+        return int(self.sockets[0].getsockname()[1])
 
     @property
     def address(self) -> str:
         """``http://host:port`` of the bound listener (the real port when ``:0`` was asked)."""
-        host, port = self.server.sockets[0].getsockname()[:2]
+        host, port = self.sockets[0].getsockname()[:2]
         return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
     def reconfigure(self, new: AdminConfig | None) -> None:
-        """Apply a reloaded ``admin:`` section: a new token now, a new address at restart."""
+        """Apply a reloaded ``admin:`` section: new tokens now, a new address at restart. (Called
+        after every successful reload: the file's ``${ENV}`` references are noted for redaction.)
+        """
+        self._note_file_later()
         if new is None:
             log.warning(
                 "the admin section was removed; restart the process to stop the admin listener "
@@ -130,100 +165,40 @@ class AdminServer:
         elif (new.host, new.port) != (self.settings.host, self.settings.port):
             log.warning(
                 "admin.listen changed; restart the process to apply it (the admin listener "
-                "keeps its previous address and token until then)"
+                "keeps its previous address and tokens until then)"
             )
         else:
             self.settings = new
+            self.tokens.update(new)
 
-    async def aclose(self, timeout: float = 1.0) -> None:
-        self.server.close_listeners()
-        await self.server.drain(timeout)
-        self.server.abort_all()
-
-    # -- requests ------------------------------------------------------------------------------
-
-    async def handle(self, req: Request, resp: Responder) -> None:
-        path = req.path
-        if path == _HEALTHZ:
-            if self._method_allowed(req, resp):
-                resp.send(200, _HEALTHZ_BODY, [_NO_STORE])
+    def _note_file_later(self) -> None:
+        path = self.source.config_path
+        if path is None:
             return
-        if not self._authorized(req, resp):
-            return
-        if path == _METRICS:
-            if self._method_allowed(req, resp):
-                text = self.source.metrics.render().encode()
-                resp.send(200, text, [_NO_STORE], content_type=_PROMETHEUS)
-            return
-        if path != _STATUS:
-            method = req.method.decode("latin-1")
-            target = path.decode("latin-1")
-            _error(
-                resp,
-                404,
-                "not_found",
-                f"no admin endpoint {method} {target}; try GET /status or GET /metrics",
-            )
-            return
-        if self._method_allowed(req, resp):
-            document = status_document(self.source, time.monotonic() - self.started)
-            resp.send(200, orjson.dumps(document), [_NO_STORE])
 
-    def _method_allowed(self, req: Request, resp: Responder) -> bool:
-        if req.method in _READ_METHODS:
-            return True
-        path = req.path.decode("latin-1")
-        _error(
-            resp,
-            405,
-            "method_not_allowed",
-            f"{path} answers GET and HEAD, not {req.method.decode('latin-1')}",
-            [(b"allow", _ALLOW)],
-        )
-        return False
+        async def note() -> None:
+            with contextlib.suppress(OSError, UnicodeDecodeError):
+                text = await asyncio.to_thread(path.read_text, encoding="utf-8-sig")
+                self.context.note_config_text(text)
 
-    def _authorized(self, req: Request, resp: Responder) -> bool:
-        token = self.settings.token
-        if token is None:
-            return True
-        given = _bearer(req.headers)
-        if given is None:
-            _error(
-                resp,
-                401,
-                "unauthorized",
-                "this admin listener needs Authorization: Bearer <admin.token>",
-                [(b"www-authenticate", _CHALLENGE)],
-            )
-            return False
-        if not hmac.compare_digest(given, token.encode("utf-8")):
-            _error(
-                resp,
-                401,
-                "invalid_token",
-                "the bearer token does not match admin.token",
-                [(b"www-authenticate", _CHALLENGE_INVALID)],
-            )
-            return False
-        return True
+        task = asyncio.get_running_loop().create_task(note())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
+    def note_config_text(self, text: str) -> None:
+        """The text of a config just loaded: its ``${ENV}`` values are redacted from then on."""
+        self.context.note_config_text(text)
 
-def _bearer(headers: list[tuple[bytes, bytes]]) -> bytes | None:
-    """The credentials of the first ``Authorization: Bearer ...`` header, or None."""
-    for name, value in headers:
-        if name == b"authorization":
-            scheme, _, credentials = value.partition(b" ")
-            if scheme.lower() != b"bearer" or not credentials.strip():
-                return None
-            return credentials.strip()
-    return None
-
-
-def _error(
-    resp: Responder,
-    status: int,
-    code: str,
-    message: str,
-    headers: list[tuple[bytes, bytes]] | None = None,
-) -> None:
-    resp.send(status, error_body(status, code, message), [_NO_STORE, *(headers or ())], _JSON)
+    async def aclose(self, timeout: float | None = None) -> None:
+        """Stop accepting, let requests in flight finish (up to ``timeout``), close."""
+        server = self._server
+        if server is not None:
+            self._server = None
+            if timeout is not None:
+                server.config.timeout_graceful_shutdown = max(1, int(timeout))
+            server.should_exit = True
+            if self._ticker is not None:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._ticker
+            await server.shutdown(sockets=self.sockets)
+        await self.audit_log.aclose()

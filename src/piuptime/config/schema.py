@@ -285,18 +285,31 @@ def _is_loopback_host(host: str) -> bool:
         return False
 
 
-class AdminConfig(BaseModel):
-    """The admin listener (``GET /status``, ``/healthz``; later the API, dashboard, /metrics).
+def _token_name(name: str) -> bool:
+    return (
+        0 < len(name) <= 64
+        and name.isascii()
+        and name[0].isalnum()
+        and all(c.isalnum() or c in "._-" for c in name)
+    )
 
-    ``token``: the bearer token every admin request but ``/healthz`` must carry. An empty string
-    (``${PIUPTIME_ADMIN_TOKEN:-}`` with the variable unset) counts as no token, which is only
-    allowed while ``listen`` is a loopback address.
+
+class AdminConfig(BaseModel):
+    """The admin listener: the admin API (``/api/v1/...``), ``/status``, ``/metrics``,
+    ``/healthz`` and ``/readyz`` (see docs/admin-api.md).
+
+    ``token``: the bearer token every admin request but ``/healthz`` and ``/readyz`` must carry;
+    it acts as ``admin`` in the audit log. ``tokens``: more tokens, each under a name the audit
+    log records (``{ci: ${CI_ADMIN_TOKEN}, alice: ${ALICE_ADMIN_TOKEN}}``). An empty string
+    (``${PIUPTIME_ADMIN_TOKEN:-}`` with the variable unset) counts as no token; a listener off
+    loopback needs at least one.
     """
 
     model_config = _model()
 
     listen: str = "127.0.0.1:9180"
     token: str | None = None
+    tokens: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("listen")
     @classmethod
@@ -309,9 +322,29 @@ class AdminConfig(BaseModel):
     def _empty_is_none(cls, value: str | None) -> str | None:
         return value if value is not None and value.strip() else None
 
+    @field_validator("tokens")
+    @classmethod
+    def _named_tokens(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:
+            if not _token_name(name):
+                raise SchemaValueError(
+                    f"an admin token name is 1-64 letters, digits, '.', '_' or '-' (it is what "
+                    f"the audit log records), got {name!r}",
+                    (name,),
+                    on_key=True,
+                )
+            if name == "admin":
+                raise SchemaValueError(
+                    "'admin' is the name of admin.token; give this token another name",
+                    (name,),
+                    on_key=True,
+                )
+        return {name: token for name, token in value.items() if token.strip()}
+
     @model_validator(mode="after")
     def _token_off_loopback(self) -> AdminConfig:
-        if self.token is None and not _is_loopback_host(self.host):
+        """Off loopback only with a token; no two tokens alike (the audit log names them)."""
+        if not self.named_tokens() and not _is_loopback_host(self.host):
             where = f"{self.host}:{self.port}" if self.host else f"every interface (:{self.port})"
             raise SchemaValueError(
                 f"the admin listener on {where} would be reachable from other machines "
@@ -319,7 +352,22 @@ class AdminConfig(BaseModel):
                 "listen on a loopback address such as 127.0.0.1:9180",
                 ("listen",),
             )
+        seen: dict[str, str] = {}
+        for name, token in self.named_tokens().items():
+            if token in seen:
+                raise SchemaValueError(
+                    f"admin tokens {seen[token]!r} and {name!r} are the same; each token must "
+                    "be different, so the audit log can tell who made a change",
+                    ("tokens", name),
+                )
+            seen[token] = name
         return self
+
+    def named_tokens(self) -> dict[str, str]:
+        """Every token by the name the audit log records (``admin`` for ``token``)."""
+        named = {"admin": self.token} if self.token is not None else {}
+        named.update(self.tokens)
+        return named
 
     @property
     def host(self) -> str:
