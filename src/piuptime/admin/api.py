@@ -362,7 +362,12 @@ def _redacted_config(ctx: AdminContext, config: Config) -> dict[str, Any]:
 
 
 def _config_source(source: AdminSource) -> str:
-    return str(getattr(source, "config_source", None) or "file")
+    """``file`` (the YAML file), or the database kind (``sqlite``, ``postgres``)."""
+    kind = getattr(source, "config_source", None)
+    if kind is None:
+        store = getattr(source.config, "config_store", None)
+        kind = getattr(store, "kind", None)
+    return str(kind or "file")
 
 
 def _named(items: Iterable[tuple[str, Any]]) -> dict[str, Any]:
@@ -417,7 +422,7 @@ def _summary(config: Config) -> str:
     return f"{_plural(len(config.routes), 'route')}, {_plural(len(config.upstreams), 'upstream')}"
 
 
-def parse_time(text: str | None, default: float, now: float) -> float:
+def parse_time(text: str | None, default: float, now: float, name: str = "time") -> float:
     """Unix seconds (``1735689600``), ISO 8601 (``2025-01-01T00:00:00Z``) or a duration ago
     (``15m``, ``-15m``, ``2h``)."""
     if text is None or not text.strip():
@@ -437,11 +442,14 @@ def parse_time(text: str | None, default: float, now: float) -> float:
         raise AdminError(
             422,
             "invalid_time",
-            f"expected unix seconds, an ISO 8601 time or a duration ago like 15m, got {text!r}",
+            f"{name}: expected unix seconds, an ISO 8601 time or a duration ago like 15m, "
+            f"got {text!r}",
         ) from None
     if stamp.tzinfo is None:
         raise AdminError(
-            422, "invalid_time", f"an ISO 8601 time needs a zone (Z or +01:00), got {text!r}"
+            422,
+            "invalid_time",
+            f"{name}: an ISO 8601 time needs a zone (Z or +01:00), got {text!r}",
         )
     return stamp.timestamp()
 
@@ -640,8 +648,8 @@ def _api_router() -> APIRouter:
         step: Annotated[int, Query(ge=60, le=86400, description="seconds per bucket")] = 60,
     ) -> m.AnalyticsResult:
         now = time.time()
-        start = parse_time(since, now - 3600, now)
-        end = parse_time(until, now, now)
+        start = parse_time(since, now - 3600, now, "since")
+        end = parse_time(until, now, now, "until")
         if end < start:
             raise AdminError(422, "invalid_time", "until is before since")
         source = _analytics(ctx.source)
@@ -680,7 +688,7 @@ def _api_router() -> APIRouter:
         if kind == "file" and path is None:
             kind = "memory"
         return m.ConfigDocument(
-            source=kind,  # type: ignore[arg-type]
+            source=kind,
             path=str(path) if path is not None else None,
             config=_redacted_config(ctx, source.config),
         )

@@ -220,6 +220,7 @@ class SQLiteAuditLog:
     failures_total: int = 0
     gateway: str = field(default_factory=gateway_name)
     _conn: sqlite3.Connection | None = field(default=None, init=False, repr=False)
+    _closed: bool = field(default=False, init=False, repr=False)
     _executor: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="piuptime-audit"),
         init=False,
@@ -318,6 +319,9 @@ class SQLiteAuditLog:
             self._conn = None
 
     async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         try:
             await self._run(self._close)
         finally:

@@ -141,7 +141,10 @@ class RecentRequests(BaseModel):
 
 
 class ConfigDocument(BaseModel):
-    source: Literal["file", "database", "memory"]
+    source: str = Field(
+        description="file (the YAML file), sqlite or postgres (a database config source), or "
+        "memory (started without a file)"
+    )
     path: str | None
     config: dict[str, Any] = Field(description="the running config, secrets redacted")
 
