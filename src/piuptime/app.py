@@ -18,13 +18,14 @@ import os
 import signal
 import ssl
 import time
-from collections.abc import Awaitable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from piuptime.config import Config, ConfigError, load_config
 from piuptime.config.schema import Listener
+from piuptime.configstore import ConfigService, ConfigStoreError, InvalidChange, Issue, Loaded
 from piuptime.gateway.consumers import Consumers
 from piuptime.gateway.plugins import PluginEnv
 from piuptime.gateway.proxy import ProxyHandler
@@ -37,6 +38,8 @@ from piuptime.state.memory import MemoryStores
 from piuptime.systemd import Notifier
 
 if TYPE_CHECKING:
+    from fastapi import APIRouter
+
     from piuptime.admin.server import AdminServer
 
 log = logging.getLogger("piuptime")
@@ -88,6 +91,9 @@ class App:
     ) -> None:
         self.config = config
         self.config_path = config_path
+        # where routes, upstreams, consumers and plugins come from: the file or a database
+        self.config_service = ConfigService.for_config(config, config_path)
+        self.config_version = 0  # of the running configuration (docs/config-store.md)
         self.notifier = notifier or Notifier()
         self.watch_interval = watch_interval
         self.servers: list[Server] = []
@@ -109,6 +115,8 @@ class App:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        loaded = await self.config_service.start(self.config)  # database: the stored config
+        self.config, self.config_version = loaded.config, loaded.version
         self.plugin_env = await self._make_env(self.config)
         self.runtime = compile_runtime(self.config, None, self.plugin_env)
         for upstream in self.runtime.upstreams.values():
@@ -131,6 +139,8 @@ class App:
         self.notifier.start_watchdog(loop)
         if self.config_path is not None and self.watch_interval > 0:
             self._watch_task = loop.create_task(self._watch())
+        self.config_service.register_metrics(self.metrics)
+        self.config_service.start_watch(self)  # database: follow changes made elsewhere
         log.info("piuptime ready on %s (%s)", ", ".join(self.addresses()), _summary(self.config))
 
     async def _make_env(self, config: Config) -> PluginEnv:
@@ -220,13 +230,17 @@ class App:
         assert self.runtime is not None
         self._file_sig = _file_signature(self.config_path)
         try:
-            config = await asyncio.to_thread(load_config, self.config_path)
-            new_runtime = compile_runtime(config, self.runtime, self.plugin_env)
+            loaded = await self.config_service.load()  # the file (database: + the entities)
+            config = loaded.config
+            new_runtime = self._compile(config)
         except ConfigError as exc:
             self._reload_failed(reason, str(exc))
             return False
         except (OSError, ValueError) as exc:
             self._reload_failed(reason, f"{self.config_path}: {exc}")
+            return False
+        except ConfigStoreError as exc:
+            self._reload_failed(reason, f"config store: {exc}")
             return False
         same_listeners = [str(x) for x in config.gateway.listen] == [
             str(x) for x in self.config.gateway.listen
@@ -239,6 +253,14 @@ class App:
             except (OSError, ssl.SSLError) as exc:
                 self._reload_failed(reason, f"{self.config_path}: TLS certificate: {exc}")
                 return False
+        self._swap(config, new_runtime, reason)
+        self.config_service.adopt(loaded)
+        self.config_version = loaded.version
+        return True
+
+    def _swap(self, config: Config, new_runtime: Runtime, reason: str) -> None:
+        """Put a compiled configuration in place (the one assignment) and what follows."""
+        assert self.handler is not None and self.runtime is not None
         old = self.runtime
         for upstream in new_runtime.upstreams.values():
             upstream.start()  # new or changed upstreams; carried-over ones already run
@@ -259,7 +281,71 @@ class App:
         self.reloads.succeeded += 1
         self.reloads.last_success = time.time()
         log.info("configuration reloaded (%s): %s", reason, _summary(config))
-        return True
+
+    def _compile(self, config: Config) -> Runtime:
+        """Compile ``config`` beside the running runtime. Compiling points the plugin
+        environment at the new upstreams and consumers; when it fails, that is undone."""
+        saved = dict(vars(self.plugin_env)) if self.plugin_env is not None else {}
+        try:
+            return compile_runtime(config, self.runtime, self.plugin_env)
+        except BaseException:
+            self._restore_env(saved)
+            raise
+
+    def _restore_env(self, saved: dict[str, Any]) -> None:
+        if self.plugin_env is not None:
+            vars(self.plugin_env).update(saved)
+
+    # -- the database config source (piuptime.configstore) -----------------------------------
+
+    @property
+    def config_source(self) -> str:
+        """``file``, ``sqlite`` or ``postgres``: ``config_store.kind``."""
+        return self.config_service.kind
+
+    def admin_routers(self) -> list[APIRouter]:
+        """Routers the admin API serves beside its own: the config store's."""
+        from piuptime.admin.config_routes import config_router
+
+        return [config_router()]
+
+    async def apply_change(
+        self, loaded: Loaded, commit: Callable[[], Awaitable[int]], reason: str
+    ) -> int:
+        """A change made through the admin API (database mode), already validated: compile it,
+        ``commit()`` it to the store, swap it in; returns the stored version. When compiling or
+        the write fails nothing changes (the runtime, the plugin environment, the store)."""
+        async with self._reload_lock:
+            assert self.runtime is not None
+            saved = dict(vars(self.plugin_env)) if self.plugin_env is not None else {}
+            try:
+                new_runtime = self._compile(loaded.config)
+            except ValueError as exc:
+                raise InvalidChange([Issue("", str(exc))]) from None
+            try:
+                version = await commit()
+            except BaseException:
+                self._restore_env(saved)
+                for upstream in retired_upstreams(new_runtime, self.runtime):
+                    self.spawn(upstream.aclose())  # made for the change, never started
+                raise
+            loaded = replace(loaded, version=version)
+            self._swap(loaded.config, new_runtime, reason)
+            self.config_service.adopt(loaded)
+            self.config_version = version
+            return version
+
+    async def sync_config(self, version: int) -> bool:
+        """Load the stored configuration if ``version`` is newer than the running one (a
+        change made elsewhere was announced); False if it could not be applied."""
+        async with self._reload_lock:
+            if version <= self.config_version:
+                return True
+            self.notifier.reloading()
+            try:
+                return await self._reload_locked(f"config store version {version}")
+            finally:
+                self.notifier.ready("serving")
 
     def _rotate_certificates(self, listeners: list[Listener]) -> None:
         """Re-read each TLS listener's cert and key (renewed certificates apply without a
@@ -312,6 +398,7 @@ class App:
             self._watch_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watch_task
+        await self.config_service.aclose()
         for server in self.servers:
             server.close_listeners()
         timeout = self.config.gateway.drain_timeout

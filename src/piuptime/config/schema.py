@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, BeforeValidator, Field, field_validator, model_validator
 
+from .configstore import ConfigStoreConfig
 from .plugins import PluginsConfig
 from .plugins.auth import (
     BasicCredential,
@@ -996,6 +997,7 @@ class Config(BaseModel):
     gateway: Annotated[GatewayConfig, _Section] = Field(default_factory=GatewayConfig)
     admin: AdminConfig | None = None
     store: Annotated[StoreConfig, _Section] = Field(default_factory=StoreConfig)
+    config_store: Annotated[ConfigStoreConfig, _Section] = Field(default_factory=ConfigStoreConfig)
     upstreams: Annotated[dict[str, Upstream], _Section] = Field(default_factory=dict)
     consumers: Annotated[dict[str, Consumer], _Section] = Field(default_factory=dict)
     routes: Annotated[list[Route], _Items] = Field(default_factory=list)
