@@ -28,11 +28,12 @@ The gate also answers HEAD like GET (without the body), refuses request bodies o
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import inspect
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -74,6 +75,7 @@ __all__ = [
     "create_app",
     "require_token",
     "status_document",
+    "strict_query",
 ]
 
 log = logging.getLogger("piuptime.admin")
@@ -277,6 +279,32 @@ def require_token(
     return actor
 
 
+def _query_names(dependant: Any) -> set[str]:
+    names = {str(getattr(p, "alias", None) or p.name) for p in dependant.query_params}
+    for sub in dependant.dependencies:
+        names |= _query_names(sub)
+    return names
+
+
+def strict_query(request: Request) -> None:
+    """FastAPI dependency: 422 for a query parameter the endpoint does not take (a typo such as
+    ``?limt=5`` would otherwise be ignored without a word)."""
+    route = request.scope.get("route")
+    dependant = getattr(route, "dependant", None)
+    if dependant is None or not request.query_params:
+        return
+    allowed = _query_names(dependant)
+    unknown = sorted({k for k in request.query_params if k not in allowed})
+    if unknown:
+        takes = ", ".join(sorted(allowed)) or "none"
+        raise AdminError(
+            422,
+            "invalid_request",
+            f"unknown query parameter {', '.join(map(repr, unknown))} (this endpoint takes: "
+            f"{takes})",
+        )
+
+
 async def audit(
     request: Request,
     action: str,
@@ -471,18 +499,37 @@ def _analytics(source: AdminSource) -> Any:
     return analytics
 
 
+@contextlib.asynccontextmanager
+async def _analytics_errors() -> AsyncIterator[None]:
+    """The analytics store's refusals as answers: bad arguments 422, a store that cannot be
+    read (database down, locked) 503."""
+    from piuptime.observe.analytics import AnalyticsUnavailable  # sqlite3 only when used
+
+    try:
+        yield
+    except AnalyticsUnavailable as exc:
+        raise AdminError(
+            503, "analytics_unavailable", f"the analytics store cannot be read: {exc}"
+        ) from None
+    except ValueError as exc:
+        raise AdminError(422, "invalid_request", str(exc)) from None
+
+
 # -- the app -------------------------------------------------------------------------------------
 
 Responses = dict[int | str, dict[str, Any]]
 _ERR: dict[str, Any] = {"model": m.ErrorBody}
 #: responses every protected endpoint may give
 COMMON_RESPONSES: Responses = {
+    400: {**_ERR, "description": "a request body that cannot be read (not UTF-8)"},
     401: {**_ERR, "description": "no token, or a wrong one"},
     413: {**_ERR, "description": "request body too large"},
     422: {**_ERR, "description": "invalid parameters or body"},
 }
 
 Ctx = Annotated[AdminContext, Depends(context)]
+#: the body of /config/validate as a document (a mapping of sections, or nothing)
+_DOCUMENT: dict[str, Any] = {"anyOf": [{"type": "object"}, {"type": "null"}]}
 Who = Annotated[Actor, Depends(require_token)]
 
 
@@ -645,15 +692,20 @@ def _api_router() -> APIRouter:
         ] = None,
         until: Annotated[str | None, Query(description="as since; default now")] = None,
         name: Annotated[str | None, Query(description="only this route/upstream/consumer")] = None,
-        step: Annotated[int, Query(ge=60, le=86400, description="seconds per bucket")] = 60,
+        step: Annotated[
+            int, Query(ge=60, le=86400, multiple_of=60, description="seconds per bucket")
+        ] = 60,
     ) -> m.AnalyticsResult:
         now = time.time()
         start = parse_time(since, now - 3600, now, "since")
         end = parse_time(until, now, now, "until")
-        if end < start:
-            raise AdminError(422, "invalid_time", "until is before since")
+        if end <= start:
+            raise AdminError(422, "invalid_time", "until must be after since")
         source = _analytics(ctx.source)
-        rows = await _maybe_await(source.query(by=by, since=start, until=end, name=name, step=step))
+        async with _analytics_errors():
+            rows = await _maybe_await(
+                source.query(by=by, since=start, until=end, name=name, step=step)
+            )
         return m.AnalyticsResult(by=by, since=start, until=end, step=step, name=name, rows=rows)
 
     @router.get(
@@ -667,10 +719,14 @@ def _api_router() -> APIRouter:
         ctx: Ctx,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
         route: str | None = None,
-        status: Annotated[int | None, Query(ge=100, le=599)] = None,
+        status: Annotated[
+            str | None,
+            Query(pattern=r"^[1-5]([0-9][0-9]|xx)$", description="a code (404) or a class (5xx)"),
+        ] = None,
     ) -> m.RecentRequests:
         source = _analytics(ctx.source)
-        rows = await _maybe_await(source.recent(limit=limit, route=route, status=status))
+        async with _analytics_errors():
+            rows = await _maybe_await(source.recent(limit=limit, route=route, status=status))
         return m.RecentRequests(requests=list(rows))
 
     # -- config ------------------------------------------------------------------------------
@@ -698,14 +754,21 @@ def _api_router() -> APIRouter:
         response_model=m.ValidationReport,
         tags=["config"],
         summary="Check a config (YAML or JSON) as `piuptime validate` does; changes nothing",
-        responses={422: {"model": m.ValidationReport, "description": "the config is invalid"}},
+        responses={
+            422: {
+                "model": m.ValidationReport | m.ErrorBody,
+                "description": "the config is invalid (a report), or the request is (an error)",
+            }
+        },
         openapi_extra={
             "requestBody": {
                 "required": True,
+                "description": "a config document, as YAML or JSON (an empty one is an "
+                "empty config)",
                 "content": {
-                    "application/yaml": {"schema": {"type": "string"}},
-                    "text/plain": {"schema": {"type": "string"}},
-                    "application/json": {"schema": {"type": "object"}},
+                    "application/yaml": {"schema": _DOCUMENT},
+                    "application/json": {"schema": _DOCUMENT},
+                    "text/plain": {"schema": {"type": "string", "description": "YAML text"}},
                 },
             }
         },
@@ -713,8 +776,9 @@ def _api_router() -> APIRouter:
     async def validate(
         ctx: Ctx,
         request: Request,
-        filename: Annotated[str, Query(max_length=200)] = "<request>",
+        filename: Annotated[str, Query(description="the name errors give")] = "<request>",
     ) -> Response:
+        filename = filename[:200]  # (no 422 of another shape for a long one)
         raw = await request.body()
         names = set(ctx.env_names)
         try:
@@ -753,7 +817,11 @@ def _api_router() -> APIRouter:
         summary="Reload the config file (as SIGHUP does)",
         responses={
             409: {**_ERR, "description": "no config file to reload (database or in-memory)"},
-            422: {"model": m.ReloadResult, "description": "the file is invalid; nothing changed"},
+            422: {
+                "model": m.ReloadResult | m.ErrorBody,
+                "description": "the file is invalid, nothing changed (a result); or the request "
+                "is (an error)",
+            },
         },
     )
     async def reload(ctx: Ctx, who: Who, request: Request) -> Response:
@@ -907,7 +975,9 @@ def _install_error_handlers(app: FastAPI) -> None:
                 f"{path} answers {' and '.join(allow) or 'no method'}, not {method}",
             )
         else:
-            code = {401: "unauthorized", 413: "body_too_large"}.get(status, "error")
+            code = {400: "bad_request", 401: "unauthorized", 413: "body_too_large"}.get(
+                status, "error"
+            )
             error = AdminError(status, code, str(exc.detail))
         error.headers.update(headers)
         return _error_response(error)
@@ -963,10 +1033,20 @@ def create_app(
     app.state.admin = ctx
     _install_error_handlers(app)
     protected: list[Any] = [Depends(require_token)]
-    app.include_router(_public_router())
-    app.include_router(_ops_router(), dependencies=protected, responses=COMMON_RESPONSES)
+    strict: list[Any] = [Depends(strict_query)]
     app.include_router(
-        _api_router(), prefix=API, dependencies=protected, responses=COMMON_RESPONSES
+        _public_router(),
+        dependencies=strict,
+        responses={422: {**_ERR, "description": "unknown query parameters"}},
+    )
+    app.include_router(
+        _ops_router(), dependencies=[*protected, *strict], responses=COMMON_RESPONSES
+    )
+    app.include_router(
+        _api_router(),
+        prefix=API,
+        dependencies=[*protected, *strict],
+        responses=COMMON_RESPONSES,
     )
 
     # -- routers of other parts --------------------------------------------------------------
