@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import socket
 import sqlite3
@@ -227,6 +228,13 @@ async def test_unknown_path_wrong_method_and_big_bodies(running: Admin) -> None:
     delete = await fetch(running.port, f"{API}/routes", method="DELETE", headers=running.headers())
     assert delete.status == 405 and delete.header(b"allow") == b"GET, HEAD"
 
+    typo = await running.get(f"{API}/audit?limt=5")
+    assert typo.status == 422
+    assert error(typo)["message"] == (
+        "unknown query parameter 'limt' (this endpoint takes: action, before, limit)"
+    )
+    assert (await fetch(running.port, "/healthz?x=1")).status == 422
+
     big = b"routes: []\n" + b"#" * (1024 * 1024)
     too_big = await running.post(f"{API}/config/validate", big, "application/yaml")
     assert too_big.status == 413 and error(too_big)["code"] == "body_too_large"
@@ -294,7 +302,11 @@ async def test_analytics_parameters_are_checked(running: Admin) -> None:
     reply = await running.get(f"{API}/requests/recent?limit=0")
     assert reply.status == 422 and "limit" in error(reply)["message"]
     reply = await running.get(f"{API}/analytics?since=10m&until=1h")
-    assert reply.status == 422 and "until is before since" in error(reply)["message"]
+    assert reply.status == 422 and "until must be after since" in error(reply)["message"]
+    for query in ("step=90", "status=600", "status=5x"):
+        path = f"{API}/analytics?{query}" if "step" in query else f"{API}/requests/recent?{query}"
+        reply = await running.get(path)
+        assert reply.status == 422, query
 
 
 # -- config: redacted, validate, reload -------------------------------------------------------
@@ -417,7 +429,9 @@ async def test_config_is_served_with_secrets_redacted(
 ) -> None:
     monkeypatch.setenv("UPSTREAM_BEARER", "bearer-from-env-123")
     monkeypatch.setenv("REDIS_PW", "redis-pw-456")
-    hashed = "pbkdf2_sha256$600000$69Ii7d4IROcXfvfIMU5TdA$AKMFBir0fcjumHTyK8GahTfar2rgIHOuItilxu+7fNA"
+    hashed = (  # piuptime hash-password --scheme pbkdf2
+        "pbkdf2_sha256$600000$69Ii7d4IROcXfvfIMU5TdA$AKMFBir0fcjumHTyK8GahTfar2rgIHOuItilxu+7fNA"
+    )
     extra = (
         "consumers:\n"
         "  app: {keys: [plain-key-789], basic: {username: app, password_hash: '" + hashed + "'},"
@@ -606,3 +620,35 @@ async def test_stop_drains_a_request_in_flight(running: Admin) -> None:
     reply = await asyncio.wait_for(pending, 10)
     assert reply.status == 200
     await stopping
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("piuptime.observe.analytics") is None, reason="analytics not built"
+)
+async def test_analytics_queries_and_recent_requests(ups: list[Upstream], tmp_path: Path) -> None:
+    text = config_text(ups, tmp_path, extra="analytics: {flush_interval: 10m, recent: 10}\n")
+    app, port = await start_app(text, tmp_path, watch_interval=0)
+    try:
+        admin = Admin(app)
+        for path in ("/sensors/a", "/sensors/b", "/cams/", "/nowhere"):
+            await fetch(port, path)
+        assert await app.analytics.flush()
+
+        reply = await admin.get(f"{API}/analytics?by=route&since=10m")
+        assert reply.status == 200, reply.body
+        body = doc(reply)
+        assert body["by"] == "route" and body["step"] == 60 and body["name"] is None
+        assert body["until"] - body["since"] == pytest.approx(600, abs=5)
+        counts = {row["name"]: row["requests"] for row in body["rows"]}
+        assert counts["sensors"] == 2 and counts["cams"] == 1
+        one = doc(await admin.get(f"{API}/analytics?by=upstream&name=cams&step=300"))
+        assert [row["requests"] for row in one["rows"]] == [1] and one["step"] == 300
+
+        recent = doc(await admin.get(f"{API}/requests/recent?limit=2"))["requests"]
+        assert [r["path"] for r in recent] == ["/nowhere", "/cams/"]
+        only = doc(await admin.get(f"{API}/requests/recent?route=sensors"))["requests"]
+        assert [r["path"] for r in only] == ["/sensors/b", "/sensors/a"]
+        missing = doc(await admin.get(f"{API}/requests/recent?status=4xx"))["requests"]
+        assert [r["status"] for r in missing] == [404]
+    finally:
+        await app.stop()

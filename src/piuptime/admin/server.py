@@ -32,7 +32,7 @@ from typing import Any
 import uvicorn
 from fastapi import APIRouter
 
-from piuptime.config.schema import AdminConfig
+from piuptime.config.schema import AdminConfig, _is_loopback_host
 
 from .api import AdminContext, AdminSource, TokenSet, create_app, status_document
 from .audit import AuditLog, SQLiteAuditLog
@@ -99,6 +99,13 @@ class AdminServer:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
+        if not self.tokens.required and not _is_loopback_host(self.settings.host):
+            # the config refuses this already; a settings object built by other means must not
+            # slip through either
+            raise ValueError(
+                f"refusing to start the admin listener on {self.settings.listen} without a "
+                "token: set admin.token or listen on loopback"
+            )
         self._note_file_later()
         audit = self.audit_log
         self.source.metrics.counter(
