@@ -33,6 +33,7 @@ from piuptime.gateway.runtime import Runtime, compile_runtime, retired_upstreams
 from piuptime.http1.server import Request, Server, ServerLimits
 from piuptime.observe.accesslog import AccessLog, now_iso
 from piuptime.observe.metrics import Metrics
+from piuptime.observe.tracing import Tracer
 from piuptime.state import open_stores
 from piuptime.state.memory import MemoryStores
 from piuptime.systemd import Notifier
@@ -123,6 +124,7 @@ class App:
             upstream.start()  # active health checks
         self.access_log.start(loop)
         self.handler = ProxyHandler(self.runtime, self.access_log)
+        self.handler.tracer = Tracer.from_config(self.config.tracing, self.metrics)
         limits = server_limits(self.config)
         for listener in self.config.gateway.listen:
             ctx = tls_context(listener)
@@ -272,6 +274,7 @@ class App:
             server.limits = limits
         if config.gateway.access_log.path != self.access_log.path:
             log.warning("gateway.access_log changed; restart the process to apply it")
+        self.handler.tracer.reconfigure(config.tracing)
         if self.admin is not None:
             self.admin.reconfigure(config.admin)  # a new token applies; a new address warns
         elif config.admin is not None:
@@ -420,6 +423,8 @@ class App:
             await self.plugin_env.stores.aclose()
             if self.plugin_env.shared is not None:
                 await self.plugin_env.shared.aclose()
+        if self.handler is not None:
+            await self.handler.tracer.aclose()  # sends the last spans
         await self.access_log.aclose()
         self.notifier.close()
         log.info("piuptime stopped")

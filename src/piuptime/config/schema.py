@@ -27,6 +27,7 @@ from .plugins.auth import (
 )
 from .plugins.traffic import upstream_reference_problems
 from .plugins.transform import Networks
+from .tracing import TracingConfig
 from .types import (
     _IDENT,
     _PLACEHOLDER,
@@ -1003,6 +1004,7 @@ class Config(BaseModel):
     routes: Annotated[list[Route], _Items] = Field(default_factory=list)
     # plugins every route runs, unless a route turns one off (name: false) or configures it
     plugins: PluginsConfig = Field(default_factory=PluginsConfig)
+    tracing: Annotated[TracingConfig | None, _Section] = None
     llm: dict[str, Any] | None = None
 
     @model_validator(mode="after")

@@ -4,9 +4,15 @@ RFC 9110 §7.6.1: a proxy removes ``Connection`` and every header it names, plus
 hop-by-hop set (``Keep-Alive``, ``TE``, ``Trailer``, ``Transfer-Encoding``, ``Upgrade``,
 ``Proxy-*``). Framing (``Content-Length``/``Transfer-Encoding``) is re-done by the http1 layer on
 each side, so it is dropped here too. ``Upgrade`` survives only while tunnelling a protocol switch.
+
+W3C ``traceparent``/``tracestate`` are picked out in the same pass: the proxy's
+``traced_request_fields`` continues or starts the trace (``piuptime.observe.tracing``) and sends
+the gateway's own ``traceparent``; the other helpers pass them on as the client sent them.
 """
 
 from __future__ import annotations
+
+from piuptime.observe.tracing import Trace, Tracer
 
 HOP_BY_HOP = frozenset(
     {
@@ -37,7 +43,9 @@ _SET_DOWNSTREAM = frozenset({b"content-length", b"date"})
 Headers = list[tuple[bytes, bytes]]
 
 # Every name either rewrite loop treats specially (all else is copied, unless ``proxy-*``).
-_UP_SPECIAL = HOP_BY_HOP | _SET_UPSTREAM | {b"x-forwarded-for", b"via"}
+_UP_SPECIAL = (
+    HOP_BY_HOP | _SET_UPSTREAM | {b"x-forwarded-for", b"via", b"traceparent", b"tracestate"}
+)
 _DOWN_SPECIAL = HOP_BY_HOP | _SET_DOWNSTREAM | {b"via"}
 
 
@@ -55,14 +63,16 @@ def connection_tokens(value: bytes) -> frozenset[bytes] | set[bytes]:
     return {t.strip().lower() for t in value.split(b",") if t.strip()}
 
 
-def _forwarded(headers: Headers) -> tuple[Headers, bytes, bytes]:
-    """Split the client's fields: those that go upstream unchanged, and the ``X-Forwarded-For``
-    and ``Via`` values the client sent (joined), which the gateway extends."""
+def _forwarded(headers: Headers) -> tuple[Headers, bytes, bytes, Headers | None]:
+    """Split the client's fields: those that go upstream unchanged, the ``X-Forwarded-For``
+    and ``Via`` values the client sent (joined), which the gateway extends, and its trace
+    context fields (None when it sent none)."""
     out: Headers = []
     append = out.append
     named: frozenset[bytes] | set[bytes] | None = None
     xff = b""
     prior_via = b""
+    trace: Headers | None = None
     for field in headers:
         name = field[0]
         if name not in _UP_SPECIAL:  # one set look-up for an ordinary field
@@ -76,10 +86,15 @@ def _forwarded(headers: Headers) -> tuple[Headers, bytes, bytes]:
             xff = field[1] if not xff else xff + b", " + field[1]
         elif name == b"via":
             prior_via = field[1] if not prior_via else prior_via + b", " + field[1]
+        elif name == b"traceparent" or name == b"tracestate":
+            if trace is None:
+                trace = [field]
+            else:
+                trace.append(field)
         # else: hop-by-hop or set by us: dropped
     if named:
         out = [h for h in out if h[0] not in named]
-    return out, xff, prior_via
+    return out, xff, prior_via, trace
 
 
 def upstream_request_headers(
@@ -91,14 +106,20 @@ def upstream_request_headers(
     original_host: bytes,
     via: bytes,
     upgrade: bytes | None = None,
+    trace: Trace | None = None,
 ) -> Headers:
     """The header list sent upstream for one request.
 
     ``X-Forwarded-For`` gets the client address appended to whatever the client sent (nginx's
     ``$proxy_add_x_forwarded_for``); ``X-Forwarded-Proto``/``-Host`` are set by us, since the
-    gateway is the edge that saw the scheme and host; ``Via`` gets our hop appended.
+    gateway is the edge that saw the scheme and host; ``Via`` gets our hop appended. With a
+    ``trace``, its ``traceparent``/``tracestate`` replace the client's.
     """
-    out, xff, prior_via = _forwarded(headers)
+    out, xff, prior_via, trace_fields = _forwarded(headers)
+    if trace is not None:
+        out.extend(trace.upstream_fields())
+    elif trace_fields is not None:
+        out.extend(trace_fields)
     out.append((b"host", host))
     out.append((b"x-forwarded-for", xff + b", " + client_ip if xff else client_ip))
     out.append((b"x-forwarded-proto", proto))
@@ -131,7 +152,9 @@ def upstream_request_fields(
     """The same fields as ``upstream_request_headers`` (no upgrade), already serialised as
     ``name: value\r\n`` lines: what ``Pool.send_nowait`` and ``Pool.request`` take as bytes.
     One formatting operation for the gateway's own fields, instead of a tuple each."""
-    out, xff, prior_via = _forwarded(headers)
+    out, xff, prior_via, trace_fields = _forwarded(headers)
+    if trace_fields is not None:
+        out.extend(trace_fields)
     fields = b"".join([b"%s: %s\r\n" % f for f in out]) if out else b""
     xff = xff + b", " + client_ip if xff else client_ip
     if prior_via:
@@ -139,6 +162,58 @@ def upstream_request_fields(
     if original_host:
         return fields + _UP_TAIL % (host, xff, proto, original_host, via)
     return fields + _UP_TAIL_NO_HOST % (host, xff, proto, via)
+
+
+_UP_TAIL_TRACED = _UP_TAIL + b"traceparent: 00-%s-%s-%s\r\n"
+_UP_TAIL_NO_HOST_TRACED = _UP_TAIL_NO_HOST + b"traceparent: 00-%s-%s-%s\r\n"
+_SAMPLED = b"01"
+_NOT_SAMPLED = b"00"
+
+
+def traced_request_fields(
+    headers: Headers,
+    *,
+    host: bytes,
+    client_ip: bytes,
+    proto: bytes,
+    original_host: bytes,
+    via: bytes,
+    tracer: Tracer,
+) -> tuple[bytes, Trace]:
+    """``upstream_request_fields`` for the proxied request itself: the client's trace context
+    (found in the same pass) is continued, or a trace started, by ``tracer``, and the gateway's
+    ``traceparent`` (and the client's ``tracestate``, when valid) sent instead."""
+    out, xff, prior_via, trace_fields = _forwarded(headers)
+    trace = tracer.start(None, None) if trace_fields is None else tracer.from_headers(trace_fields)
+    fields = b"".join([b"%s: %s\r\n" % f for f in out]) if out else b""
+    xff = xff + b", " + client_ip if xff else client_ip
+    if prior_via:
+        via = prior_via + b", " + via
+    flags = _SAMPLED if trace.sampled else _NOT_SAMPLED
+    if original_host:
+        fields += _UP_TAIL_TRACED % (
+            host,
+            xff,
+            proto,
+            original_host,
+            via,
+            trace.trace_id,
+            trace.span_id,
+            flags,
+        )
+    else:
+        fields += _UP_TAIL_NO_HOST_TRACED % (
+            host,
+            xff,
+            proto,
+            via,
+            trace.trace_id,
+            trace.span_id,
+            flags,
+        )
+    if trace.state is not None:
+        fields += b"tracestate: %s\r\n" % trace.state
+    return fields, trace
 
 
 def downstream_response_fields(headers: Headers, *, via: bytes, length: int | None) -> bytes:

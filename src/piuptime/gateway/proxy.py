@@ -17,8 +17,8 @@ from typing import Any
 
 from piuptime.gateway.headers import (
     downstream_response_fields,
+    traced_request_fields,
     tunnel_response_headers,
-    upstream_request_fields,
     upstream_request_headers,
 )
 from piuptime.gateway.plugins import Ctx, Reply
@@ -37,6 +37,7 @@ from piuptime.http1.client import (
 from piuptime.http1.errors import BodyTooLarge, ClientDisconnected, error_body
 from piuptime.http1.server import Request, Responder
 from piuptime.observe.accesslog import AccessLog, now_iso
+from piuptime.observe.tracing import Trace, Tracer
 
 log = logging.getLogger("piuptime.proxy")
 
@@ -71,6 +72,8 @@ class ProxyHandler:
         # called in the log phase with each request's access-log entry (metrics, analytics);
         # never raise, never block
         self.observers: tuple[Callable[[dict[str, Any]], None], ...] = ()
+        # W3C trace context, always; spans of sampled requests when a sink is attached
+        self.tracer = Tracer()
         # uvloop's loop.time() has millisecond resolution: too coarse for latency figures.
         self._loop_time: Callable[[], float] = time.perf_counter
 
@@ -160,6 +163,7 @@ class ProxyHandler:
         else:
             path = route.upstream_path(req.path, req.query, match)
         if req.upgrade is not None:
+            trace = self.tracer.from_headers(req.headers)
             headers: list[tuple[bytes, bytes]] | bytes = upstream_request_headers(
                 req.headers,
                 host=host,
@@ -168,18 +172,24 @@ class ProxyHandler:
                 original_host=req.host,
                 via=rt.via,
                 upgrade=req.upgrade,
+                trace=trace,
             )
+            trace.route_path = match.spec.path
         else:
-            headers = upstream_request_fields(
+            headers, trace = traced_request_fields(
                 req.headers,
                 host=host,
                 client_ip=req.client_addr.encode(),
                 proto=proto,
                 original_host=req.host,
                 via=rt.via,
+                tracer=self.tracer,
             )
+            trace.route_path = match.spec.path
             if fast and not req.has_body:
-                ex = _Exchange(self, req, resp, route, target, rt.via, key, path, headers, ctx)
+                ex = _Exchange(
+                    self, req, resp, route, target, rt.via, key, path, headers, ctx, trace
+                )
                 conn = target.pool.send_nowait(
                     req.method, path, headers, ex.ready, _idempotent(req, route)
                 )
@@ -187,7 +197,9 @@ class ProxyHandler:
                     ex.conn = conn
                     upstream.begin(target)
                     return None
-        return self._forward(req, resp, route, target, rt.via, path, headers, key, ctx=ctx)
+        return self._forward(
+            req, resp, route, target, rt.via, path, headers, key, ctx=ctx, trace=trace
+        )
 
     async def _forward(
         self,
@@ -202,15 +214,18 @@ class ProxyHandler:
         pending: PendingExchange | None = None,
         t0: float = 0.0,
         ctx: Ctx | None = None,
+        trace: Trace | None = None,
     ) -> None:
         """The general path: read the body, then attempts until one gives an answer worth
         relaying, within the retry rules, the budget and the total deadline."""
         if ctx is None:
-            await self._attempts(req, resp, route, target, via, path, headers, key, pending, t0)
+            await self._attempts(
+                req, resp, route, target, via, path, headers, key, pending, t0, None, trace
+            )
             return
         try:
             await self._attempts(
-                req, resp, route, target, via, path, headers, key, pending, t0, ctx
+                req, resp, route, target, via, path, headers, key, pending, t0, ctx, trace
             )
         finally:
             route.pipeline.finish(ctx)  # type: ignore[union-attr]
@@ -228,8 +243,10 @@ class ProxyHandler:
         pending: PendingExchange | None,
         t0: float,
         ctx: Ctx | None = None,
+        trace: Trace | None = None,
     ) -> None:
         upstream = route.upstream if ctx is None else ctx.upstream
+        spans = trace if trace is not None and trace.attempts is not None else None
         now = self._loop_time
         deadline = req.start_time + upstream.total_timeout
         if ctx is not None and ctx.body is not None:
@@ -249,6 +266,7 @@ class ProxyHandler:
                 error = _Busy(f"{target.label} has {upstream.max_pending} requests waiting")
                 if target.breaker is not None:
                     target.breaker.release()
+                t0 = now()
             else:
                 if pending is None:
                     upstream.begin(target)
@@ -267,6 +285,10 @@ class ProxyHandler:
                     upstream.end(target, False, None)
                 except TimeoutError:
                     upstream.abandon(target)
+                    if spans is not None:
+                        spans.attempt(
+                            headers, target.url, req.method, path, t0, now(), None, "timeout"
+                        )
                     self._fail(
                         ctx,
                         resp,
@@ -275,12 +297,17 @@ class ProxyHandler:
                         f"upstream {upstream.name}: no answer within the total timeout "
                         f"({upstream.total_timeout:g}s) after {len(tried)} attempt(s)",
                     )
-                    self._log(req, resp, route, tried, upstream_time + now() - t0, ctx)
+                    self._log(req, resp, route, tried, upstream_time + now() - t0, ctx, trace)
                     return
                 except BaseException:
                     upstream.abandon(target)
                     raise
                 pending = None
+            if spans is not None:  # this attempt's CLIENT span; the next gets a new parent id
+                status = up.status if up is not None else None
+                headers = spans.attempt(
+                    headers, target.url, req.method, path, t0, now(), status, error
+                )
             if up is not None:
                 latency = now() - t0
                 upstream_time += latency
@@ -303,7 +330,7 @@ class ProxyHandler:
                     if reply is not None:
                         up.release()
                         self._reply(ctx, reply)
-                        self._log(req, resp, route, tried, upstream_time, ctx)
+                        self._log(req, resp, route, tried, upstream_time, ctx, trace)
                         return
                 break
             assert error is not None
@@ -322,7 +349,7 @@ class ProxyHandler:
             status, code = _upstream_error_status(error)
             message = f"upstream {upstream.name} ({target.label}): {error}"
             self._fail(ctx, resp, status, code, message)
-            self._log(req, resp, route, tried, upstream_time, ctx)
+            self._log(req, resp, route, tried, upstream_time, ctx, trace)
             return
         try:
             if up.status == 101 and req.upgrade is not None:
@@ -331,7 +358,7 @@ class ProxyHandler:
                 upstream_time += await self._relay(req, resp, up, via, ctx)
         finally:
             up.release()
-        self._log(req, resp, route, tried, upstream_time, ctx)
+        self._log(req, resp, route, tried, upstream_time, ctx, trace)
 
     async def _retry_target(
         self,
@@ -419,11 +446,12 @@ class ProxyHandler:
         target: Target,
         upstream_time: float,
         ctx: Ctx | None,
+        trace: Trace | None = None,
     ) -> None:
         try:
             await resp.drain()
         finally:
-            self._log(req, resp, route, (target,), upstream_time, ctx)
+            self._log(req, resp, route, (target,), upstream_time, ctx, trace)
 
     async def _relay(
         self, req: Request, resp: Responder, up: Response, via: bytes, ctx: Ctx | None = None
@@ -509,10 +537,16 @@ class ProxyHandler:
         tried: Sequence[Target],
         upstream_time: float,
         ctx: Ctx | None = None,
+        trace: Trace | None = None,
     ) -> None:
         if ctx is not None:
             ctx.route.pipeline.finish(ctx)  # type: ignore[union-attr]
         observers = self.observers
+        tracer = self.tracer
+        if trace is None and (observers or self.access_log.enabled or tracer.sink is not None):
+            trace = tracer.from_headers(req.headers)  # answered before going upstream
+        if trace is not None and trace.attempts is not None:
+            tracer.request_done(trace, req, resp, route, ctx, len(tried))
         if not observers and not self.access_log.enabled:
             return
         total = self._loop_time() - req.start_time
@@ -536,6 +570,7 @@ class ProxyHandler:
             "total_ms": round(total * 1000, 3),
             "upstream_ms": round(upstream_time * 1000, 3),
             "gateway_ms": round((total - upstream_time) * 1000, 3),
+            "trace_id": trace.trace_id.decode() if trace is not None else None,
         }
         self.access_log.record(entry)
         for observe in observers:
@@ -559,6 +594,7 @@ class _Exchange:
         "route",
         "t0",
         "target",
+        "trace",
         "via",
     )
 
@@ -574,8 +610,10 @@ class _Exchange:
         path: bytes,
         headers: bytes,
         ctx: Ctx | None,
+        trace: Trace,
     ) -> None:
         self.handler = handler
+        self.trace = trace
         self.ctx = ctx
         self.req = req
         self.resp = resp
@@ -614,11 +652,25 @@ class _Exchange:
                         conn,
                         self.t0,
                         self.ctx,
+                        self.trace,
                     )
                 )
                 return
             upstream_time = handler._loop_time() - self.t0
             req = self.req
+            trace = self.trace
+            if trace.attempts is not None:
+                t0 = self.t0
+                trace.attempt(
+                    self.headers,
+                    self.target.url,
+                    req.method,
+                    self.path,
+                    t0,
+                    t0 + upstream_time,
+                    up.status,
+                    None,
+                )
             status = up.status
             upstream.end(self.target, status < 500, upstream_time)
             headers = up.headers
@@ -631,7 +683,9 @@ class _Exchange:
                         up.release()
                         up = None
                         handler._reply(ctx, reply)
-                        handler._log(req, resp, self.route, (self.target,), upstream_time, ctx)
+                        handler._log(
+                            req, resp, self.route, (self.target,), upstream_time, ctx, trace
+                        )
                         resp.finish()
                         return
                 pipe.on_response(ctx, status, headers)
@@ -655,12 +709,16 @@ class _Exchange:
             if resp.write_paused:
                 resp.continue_with(
                     handler._drained_then_log(
-                        req, resp, self.route, self.target, upstream_time, ctx
+                        req, resp, self.route, self.target, upstream_time, ctx, trace
                     )
                 )
                 return
-            if ctx is not None or handler.access_log.enabled:
-                handler._log(req, resp, self.route, (self.target,), upstream_time, ctx)
+            if (
+                ctx is not None
+                or handler.access_log.enabled
+                or trace.attempts is not None
+            ):
+                handler._log(req, resp, self.route, (self.target,), upstream_time, ctx, trace)
         except Exception as exc:
             if up is not None:
                 up.release()
