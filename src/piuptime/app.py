@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from fastapi import APIRouter
 
     from piuptime.admin.server import AdminServer
+    from piuptime.observe.analytics import Analytics
 
 log = logging.getLogger("piuptime")
 
@@ -103,6 +104,9 @@ class App:
         self.runtime: Runtime | None = None
         self.handler: ProxyHandler | None = None
         self.access_log = AccessLog(config.gateway.access_log.path)
+        # per-minute aggregates and the recent-requests ring (None without analytics:)
+        self.analytics: Analytics | None = None
+        self._analytics_section = config.analytics
         self._stop = asyncio.Event()
         self._reload_lock = asyncio.Lock()
         self._watch_task: asyncio.Task[None] | None = None
@@ -125,6 +129,12 @@ class App:
         self.access_log.start(loop)
         self.handler = ProxyHandler(self.runtime, self.access_log)
         self.handler.tracer = Tracer.from_config(self.config.tracing, self.metrics)
+        if self.config.analytics.enabled:
+            from piuptime.observe.analytics import Analytics  # sqlite3 only when used
+
+            self.analytics = Analytics.from_config(self.config, self.metrics)
+            self.analytics.start(loop)  # the writer: a timer and one thread
+            self.handler.observers = (*self.handler.observers, self.analytics.observe)
         limits = server_limits(self.config)
         for listener in self.config.gateway.listen:
             ctx = tls_context(listener)
@@ -274,6 +284,8 @@ class App:
             server.limits = limits
         if config.gateway.access_log.path != self.access_log.path:
             log.warning("gateway.access_log changed; restart the process to apply it")
+        if config.analytics != self._analytics_section:
+            log.warning("analytics changed; restart the process to apply it")
         self.handler.tracer.reconfigure(config.tracing)
         if self.admin is not None:
             self.admin.reconfigure(config.admin)  # a new token applies; a new address warns
@@ -425,6 +437,8 @@ class App:
                 await self.plugin_env.shared.aclose()
         if self.handler is not None:
             await self.handler.tracer.aclose()  # sends the last spans
+        if self.analytics is not None:
+            await self.analytics.aclose()  # writes what the last requests left
         await self.access_log.aclose()
         self.notifier.close()
         log.info("piuptime stopped")

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, BeforeValidator, Field, field_validator, model_validator
 
 from .configstore import ConfigStoreConfig
+from .analytics import AnalyticsConfig, AnalyticsSection
 from .plugins import PluginsConfig
 from .plugins.auth import (
     BasicCredential,
@@ -1005,6 +1006,7 @@ class Config(BaseModel):
     # plugins every route runs, unless a route turns one off (name: false) or configures it
     plugins: PluginsConfig = Field(default_factory=PluginsConfig)
     tracing: Annotated[TracingConfig | None, _Section] = None
+    analytics: AnalyticsSection = Field(default_factory=AnalyticsConfig.off)
     llm: dict[str, Any] | None = None
 
     @model_validator(mode="after")
