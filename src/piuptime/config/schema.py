@@ -16,8 +16,8 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, BeforeValidator, Field, field_validator, model_validator
 
-from .configstore import ConfigStoreConfig
 from .analytics import AnalyticsConfig, AnalyticsSection
+from .configstore import ConfigStoreConfig
 from .plugins import PluginsConfig
 from .plugins.auth import (
     BasicCredential,
@@ -1005,8 +1005,8 @@ class Config(BaseModel):
     routes: Annotated[list[Route], _Items] = Field(default_factory=list)
     # plugins every route runs, unless a route turns one off (name: false) or configures it
     plugins: PluginsConfig = Field(default_factory=PluginsConfig)
-    tracing: Annotated[TracingConfig | None, _Section] = None
     analytics: AnalyticsSection = Field(default_factory=AnalyticsConfig.off)
+    tracing: Annotated[TracingConfig | None, _Section] = None
     llm: dict[str, Any] | None = None
 
     @model_validator(mode="after")
