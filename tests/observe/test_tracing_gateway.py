@@ -194,3 +194,21 @@ async def test_websocket_upgrade_carries_the_trace() -> None:
     assert state == "a=1" and no_state is None
     m = SENT.match(generated)
     assert m is not None and m.group(1) != TID
+
+
+async def test_reload_applies_a_new_sample_ratio(up: Upstream, tmp_path: Path) -> None:
+    text = gateway_yaml({"main": [up.port]}, ROUTES)
+    app, port = await start_app(text, tmp_path, watch_interval=0)
+    try:
+        await fetch(port, "/api/")
+        assert _trace(up.seen[-1])[2] == "00"
+        (tmp_path / "piuptime.yaml").write_text(text + "tracing: {sample: 100%}\n")
+        assert await app.reload("test")
+        await fetch(port, "/api/")
+        assert _trace(up.seen[-1])[2] == "01"
+        (tmp_path / "piuptime.yaml").write_text(text)  # the section removed: back to 0
+        assert await app.reload("test")
+        await fetch(port, "/api/")
+        assert _trace(up.seen[-1])[2] == "00"
+    finally:
+        await app.stop()
