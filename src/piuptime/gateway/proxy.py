@@ -713,11 +713,7 @@ class _Exchange:
                     )
                 )
                 return
-            if (
-                ctx is not None
-                or handler.access_log.enabled
-                or trace.attempts is not None
-            ):
+            if ctx is not None or handler.access_log.enabled or trace.attempts is not None:
                 handler._log(req, resp, self.route, (self.target,), upstream_time, ctx, trace)
         except Exception as exc:
             if up is not None:
