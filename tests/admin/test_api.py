@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import socket
 import sqlite3
@@ -622,9 +621,6 @@ async def test_stop_drains_a_request_in_flight(running: Admin) -> None:
     await stopping
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("piuptime.observe.analytics") is None, reason="analytics not built"
-)
 async def test_analytics_queries_and_recent_requests(ups: list[Upstream], tmp_path: Path) -> None:
     text = config_text(ups, tmp_path, extra="analytics: {flush_interval: 10m, recent: 10}\n")
     app, port = await start_app(text, tmp_path, watch_interval=0)
