@@ -135,6 +135,9 @@ class AdminServer:
             backlog=128,
         )
         config.load()
+        quiet = logging.getLogger("uvicorn.error")  # its "Shutting down" is ours to say
+        if quiet.level == logging.NOTSET:
+            quiet.setLevel(logging.WARNING)
         server = _EmbeddedServer(config)
         server.lifespan = config.lifespan_class(config)
         try:
@@ -213,4 +216,5 @@ class AdminServer:
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._ticker
             await server.shutdown(sockets=self.sockets)
+            log.info("admin listener stopped")
         await self.audit_log.aclose()
