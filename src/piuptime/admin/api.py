@@ -28,6 +28,7 @@ The gate also answers HEAD like GET (without the body), refuses request bodies o
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import inspect
@@ -937,8 +938,6 @@ def _json(model: Any, status: int = 200) -> Response:
 
 async def _note_file(ctx: AdminContext, path: Path) -> None:
     """Remember the env references of the file just loaded (read on a thread)."""
-    import asyncio
-
     try:
         text = await asyncio.to_thread(path.read_text, encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError):
