@@ -9,6 +9,12 @@ does (syscalls, the event loop's polling), so the figure is the gateway's own CP
     uv run python bench/hotpath_micro.py                 # 200,000 requests, best of 5
     uv run python bench/hotpath_micro.py --profile       # the same under cProfile, top 25
     uv run python bench/hotpath_micro.py --policies      # with key_auth and a memory rate_limit
+    uv run python bench/hotpath_micro.py --analytics     # plus the analytics recorder
+    uv run python bench/hotpath_micro.py --no-metrics    # without the /metrics request observer
+
+The handler gets the request-metrics observer (counter + latency histograms) the way
+``piuptime.app.App`` attaches it, so the figure is what a running gateway pays; ``--no-metrics``
+leaves it out to show what it costs.
 
 Compare the figure with ``bench/cpu_per_request.py``'s user-time column.
 """
@@ -29,6 +35,8 @@ from piuptime.gateway.runtime import compile_runtime
 from piuptime.http1 import client as http1_client
 from piuptime.http1.server import Server
 from piuptime.observe.accesslog import AccessLog
+from piuptime.observe.metrics import Metrics
+from piuptime.observe.requestmetrics import RequestMetrics
 
 CONFIG = """
 gateway:
@@ -93,10 +101,14 @@ class MemoryTransport:
         self.closing = True
 
 
-async def setup(policies: bool) -> tuple[object, object, MemoryTransport, MemoryTransport]:
+async def setup(
+    policies: bool, metrics: bool = True
+) -> tuple[object, object, MemoryTransport, MemoryTransport]:
     config = parse_config(CONFIG + (POLICIES if policies else ""), "bench.yaml")
     runtime = compile_runtime(config)
     handler = ProxyHandler(runtime, AccessLog("off"))
+    if metrics:  # as App.start does
+        handler.observers = (*handler.observers, RequestMetrics(Metrics()))
     from piuptime.app import server_limits
 
     server = Server(handler.handle, server_limits(config))
@@ -143,9 +155,21 @@ async def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--policies", action="store_true", help="key_auth + memory rate_limit")
+    ap.add_argument(
+        "--analytics", action="store_true", help="with the analytics recorder (analytics:)"
+    )
+    ap.add_argument(
+        "--no-metrics", action="store_true", help="without the request-metrics observer"
+    )
     args = ap.parse_args()
-    down, up, down_t, up_t = await setup(args.policies)
+    down, up, down_t, up_t = await setup(args.policies, not args.no_metrics)
     request = REQUEST_WITH_KEY if args.policies else REQUEST
+    if args.analytics:  # attached as App.start does with an analytics: section
+        from piuptime.observe.analytics import Analytics, SQLiteBackend
+
+        handler = down._server.handler.__self__  # type: ignore[attr-defined]
+        recorder = Analytics(lambda: SQLiteBackend(":memory:"))  # writer not started
+        handler.observers = (*handler.observers, recorder.observe)
     run(2000, down, up, down_t, up_t, request)  # warm
     if args.profile:
         prof = cProfile.Profile()
@@ -156,6 +180,8 @@ async def main() -> None:
         return
     best = min(run(args.n, down, up, down_t, up_t, request) for _ in range(args.rounds))
     what = "proxy path with key_auth + rate_limit" if args.policies else "proxy path"
+    what += ", analytics recorder" if args.analytics else ""
+    what += ", no metrics observer" if args.no_metrics else ""
     print(f"piuptime {what}: {best * 1e6:.2f} us per request (best of {args.rounds})")
 
 

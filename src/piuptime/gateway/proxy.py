@@ -390,6 +390,7 @@ class ProxyHandler:
                 nxt.breaker.release()
             return None
         await asyncio.sleep(wait)
+        upstream.retries_total += 1
         return nxt
 
     def _no_target(
@@ -713,7 +714,12 @@ class _Exchange:
                     )
                 )
                 return
-            if ctx is not None or handler.access_log.enabled or trace.attempts is not None:
+            if (
+                ctx is not None
+                or handler.access_log.enabled
+                or handler.observers
+                or trace.attempts is not None
+            ):
                 handler._log(req, resp, self.route, (self.target,), upstream_time, ctx, trace)
         except Exception as exc:
             if up is not None:

@@ -114,6 +114,7 @@ class UpstreamRuntime:
         self.budget = RetryBudget(
             config.retries.budget, min_per_second=config.retries.min_per_second, clock=_CLOCK
         )
+        self.retries_total = 0  # retries made (read by /metrics)
         self.slow_start = config.slow_start
         health = config.health
         self.panic_threshold = health.panic_threshold
