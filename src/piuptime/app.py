@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from piuptime import __version__
 from piuptime.config import Config, ConfigError, load_config
 from piuptime.config.schema import Listener
 from piuptime.configstore import ConfigService, ConfigStoreError, InvalidChange, Issue, Loaded
@@ -33,6 +34,9 @@ from piuptime.gateway.runtime import Runtime, compile_runtime, retired_upstreams
 from piuptime.http1.server import Request, Server, ServerLimits
 from piuptime.observe.accesslog import AccessLog, now_iso
 from piuptime.observe.metrics import Metrics
+from piuptime.observe.process import register_process_metrics
+from piuptime.observe.requestmetrics import RequestMetrics
+from piuptime.observe.statemetrics import register_reload_metrics, register_upstream_metrics
 from piuptime.observe.tracing import Tracer
 from piuptime.state import open_stores
 from piuptime.state.memory import MemoryStores
@@ -113,6 +117,11 @@ class App:
         self._file_sig = _file_signature(config_path)
         self._tls: list[ssl.SSLContext | None] = []
         self.metrics = Metrics()
+        # per request (a log-phase observer); the rest is read when /metrics is scraped
+        self.request_metrics = RequestMetrics(self.metrics)
+        register_process_metrics(self.metrics, __version__)
+        register_reload_metrics(self.metrics, self.reloads, time.time())
+        register_upstream_metrics(self.metrics, lambda: self.runtime)
         self.plugin_env: PluginEnv | None = None
         self._background: set[asyncio.Future[Any]] = set()
 
@@ -128,6 +137,7 @@ class App:
             upstream.start()  # active health checks
         self.access_log.start(loop)
         self.handler = ProxyHandler(self.runtime, self.access_log)
+        self.handler.observers = (*self.handler.observers, self.request_metrics)
         self.handler.tracer = Tracer.from_config(self.config.tracing, self.metrics)
         if self.config.analytics.enabled:
             from piuptime.observe.analytics import Analytics  # sqlite3 only when used
@@ -200,6 +210,7 @@ class App:
 
     def _on_error(self, req: Request | None, status: int, reason: str) -> None:
         """Requests refused by the wire layer (400, 408, 413, 431, ...) still get a log line."""
+        self.request_metrics.refused(status)
         if not self.access_log.enabled:
             return
         self.access_log.record(
