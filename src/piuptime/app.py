@@ -155,7 +155,9 @@ class App:
         if self.config.admin is not None:
             from piuptime.admin.server import AdminServer  # FastAPI loads only here
 
-            self.admin = AdminServer(self, self.config.admin)
+            self.admin = AdminServer(
+                self, self.config.admin, audit_log=self.config_service.audit_log()
+            )
             await self.admin.start()
         self.notifier.ready(f"serving on {', '.join(self.addresses())}")
         self.notifier.start_watchdog(loop)
@@ -424,7 +426,7 @@ class App:
             self._watch_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watch_task
-        await self.config_service.aclose()
+        await self.config_service.stop_watch()
         for server in self.servers:
             server.close_listeners()
         timeout = self.config.gateway.drain_timeout
@@ -435,6 +437,7 @@ class App:
             server.abort_all()
         if self.admin is not None:
             await self.admin.aclose()
+        await self.config_service.aclose()
         if self.runtime is not None:
             for upstream in self.runtime.upstreams.values():
                 await upstream.aclose()

@@ -22,6 +22,7 @@ commands:
   validate   check a config file and print every error as file:line:column
   status     show upstreams, targets and their health from a running gateway
   hash-password  hash a password for a consumer's basic auth credentials
+  config     export or import the configuration (database config store)
   version    print the version
 """
 
@@ -130,6 +131,42 @@ def _parser() -> argparse.ArgumentParser:
         default="scrypt",
         help="scrypt (default; N=2^14, r=8, p=1) or pbkdf2 (PBKDF2-HMAC-SHA256, 600k rounds)",
     )
+    cfg = sub.add_parser(
+        "config",
+        help="export or import the configuration of a database config store",
+        description="Export the configuration document (the bootstrap file's sections and the "
+        "routes, upstreams, consumers and plugins of its config_store) as YAML, or import a YAML "
+        "document into the database (validated like a file; one new version; a running gateway "
+        "follows it). See docs/config-store.md.",
+    )
+    cfg_sub = cfg.add_subparsers(dest="config_command", metavar="ACTION")
+    for name, text in (
+        ("export", "print the configuration document as YAML"),
+        ("import", "replace the stored routes, upstreams, consumers and plugins"),
+    ):
+        action = cfg_sub.add_parser(name, help=text, description=text)
+        action.add_argument(
+            "-c",
+            "--config",
+            default=os.environ.get("PIUPTIME_CONFIG", DEFAULT_CONFIG),
+            help="the bootstrap config file (default: $PIUPTIME_CONFIG or ./piuptime.yaml)",
+        )
+        if name == "export":
+            action.add_argument(
+                "--secrets",
+                choices=["redact", "keep"],
+                default="redact",
+                help="redact (default) or keep credentials (${VAR} references always stay)",
+            )
+            action.add_argument("-o", "--output", help="write to this file (default: stdout)")
+        else:
+            action.add_argument("file", help="the YAML document to import (- for stdin)")
+            action.add_argument(
+                "--expected-version",
+                type=int,
+                metavar="N",
+                help="refuse unless the stored version is N (as the admin API's If-Match)",
+            )
     sub.add_parser("version", help="print the version")
     return p
 
@@ -160,6 +197,10 @@ def main(argv: list[str] | None = None) -> int:
         from piuptime.demo.run import main as demo_main
 
         return demo_main(port=args.port, device_port=args.device_port)
+    if args.command == "config":
+        from piuptime.configstore.cli import config_main
+
+        return config_main(args, sys.stdout, sys.stderr)
     if args.command == "hash-password":
         return _hash_password(args.stdin, args.scheme)
     if args.command == "run":
@@ -200,6 +241,7 @@ def _run(path: Path, watch_interval: float) -> int:
 
     from piuptime.app import run
     from piuptime.config import ConfigError
+    from piuptime.configstore import ConfigStoreError
 
     try:
         uvloop.run(run(path, watch_interval=watch_interval))
@@ -208,6 +250,9 @@ def _run(path: Path, watch_interval: float) -> int:
         return 1
     except OSError as exc:
         print(f"piuptime: could not start: {exc}", file=sys.stderr)
+        return 1
+    except ConfigStoreError as exc:
+        print(f"piuptime: could not start: config store: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         pass

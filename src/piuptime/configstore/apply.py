@@ -484,10 +484,25 @@ class ConfigService:
                 read=lambda: [((), 1.0 if self.connected else 0.0)],
             )
 
-    async def aclose(self) -> None:
+    def audit_log(self) -> Any:
+        """The admin audit log to use with this store: PostgreSQL's (shared by the gateways)
+        for ``postgres``, else None (the admin API's own SQLite log)."""
+        if self.kind != "postgres":
+            return None
+        from .audit_pg import PostgresAuditLog
+        from .postgres import PostgresConfigStore
+
+        assert isinstance(self.store, PostgresConfigStore)
+        return PostgresAuditLog(self.store)
+
+    async def stop_watch(self) -> None:
+        """Stop following the store (at shutdown, before the drain)."""
         await cancel(self._sync_task)
         await cancel(self._watch_task)
         self._sync_task = self._watch_task = None
+
+    async def aclose(self) -> None:
+        await self.stop_watch()
         with contextlib.suppress(Exception):
             await self.store.aclose()
 

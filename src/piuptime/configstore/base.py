@@ -291,11 +291,15 @@ class ConfigStore(ABC):
 
 
 async def cancel(task: asyncio.Task[Any] | None) -> None:
+    """Cancel ``task`` and wait for it to end. Cancelled again until it does: a library that
+    finishes an operation at the moment it is cancelled may swallow one cancellation."""
     if task is None:
         return
-    task.cancel()
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=1.0)
     with contextlib.suppress(asyncio.CancelledError, Exception):
-        await task
+        task.result()
 
 
 def now() -> float:

@@ -153,8 +153,9 @@ def render(document: Mapping[str, Any]) -> str:
 
 def check_data(value: Any, where: tuple[str | int, ...] = ()) -> None:
     """Raise :class:`InvalidChange` unless ``value`` is plain document data: mappings with
-    string keys, lists, strings of valid Unicode, whole or finite numbers, booleans, null; at
-    most :data:`MAX_DEPTH` levels deep. Checked before anything is validated or stored."""
+    string keys, lists, strings of valid Unicode (no NUL), whole numbers that fit 64 bits,
+    finite numbers, booleans, null; at most :data:`MAX_DEPTH` levels deep. Checked before
+    anything is validated or stored (JSON in the database must hold it)."""
     problems: list[Issue] = []
     stack: list[tuple[Any, tuple[str | int, ...]]] = [(value, where)]
     while stack and len(problems) < 20:
@@ -179,7 +180,10 @@ def check_data(value: Any, where: tuple[str | int, ...] = ()) -> None:
         elif isinstance(item, float):
             if not math.isfinite(item):
                 problems.append(Issue(format_loc(loc), f"expected a finite number, got {item}"))
-        elif item is not None and not isinstance(item, bool | int):
+        elif isinstance(item, int) and not isinstance(item, bool):
+            if not -(2**63) <= item < 2**64:
+                problems.append(Issue(format_loc(loc), "the number is too large"))
+        elif item is not None and not isinstance(item, bool):
             problems.append(Issue(format_loc(loc), f"unexpected value {type(item).__name__}"))
     if problems:
         raise InvalidChange(problems)

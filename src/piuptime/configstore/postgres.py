@@ -118,7 +118,7 @@ class PostgresConfigStore(ConfigStore):
         )
         return conn
 
-    async def _call(
+    async def call(
         self, fn: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]], *, retry: bool
     ) -> T:
         """Run ``fn`` on the shared connection (one call at a time). A broken connection is
@@ -127,11 +127,10 @@ class PostgresConfigStore(ConfigStore):
             for attempt in range(2 if retry else 1):
                 try:
                     if self._conn is None or self._conn.closed or self._conn.broken:
-                        self._conn = await asyncio.wait_for(
-                            self._connect(application_name="piuptime-config"),
-                            self.connect_timeout + 1,
-                        )
-                    return await asyncio.wait_for(fn(self._conn), self.query_timeout)
+                        async with asyncio.timeout(self.connect_timeout + 1):
+                            self._conn = await self._connect(application_name="piuptime-config")
+                    async with asyncio.timeout(self.query_timeout):
+                        return await fn(self._conn)
                 except (psycopg.OperationalError, OSError, TimeoutError) as exc:
                     await self._drop()
                     if attempt or not retry:
@@ -152,7 +151,7 @@ class PostgresConfigStore(ConfigStore):
                 for statement in _SCHEMA:
                     await conn.execute(statement)
 
-        await self._call(create, retry=True)
+        await self.call(create, retry=True)
 
     async def load(self) -> Snapshot:
         async def read(conn: psycopg.AsyncConnection[Any]) -> Snapshot:
@@ -169,10 +168,10 @@ class PostgresConfigStore(ConfigStore):
             entities = [(s, n, p, b) for _, _, s, n, p, b in rows if s is not None]
             return Snapshot(int(version), rows_document(entities), updated)
 
-        return await self._call(read, retry=True)
+        return await self.call(read, retry=True)
 
     async def version(self) -> int:
-        return await self._call(_read_version, retry=True)
+        return await self.call(_read_version, retry=True)
 
     async def write(self, document: EntityDocument, *, base_version: int, change: Change) -> int:
         wanted = document_rows(document)
@@ -218,7 +217,7 @@ class PostgresConfigStore(ConfigStore):
                 await conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, str(version)))
             return version
 
-        return await self._call(write, retry=False)
+        return await self.call(write, retry=False)
 
     async def history(self, limit: int = 50) -> list[HistoryEntry]:
         async def read(conn: psycopg.AsyncConnection[Any]) -> list[HistoryEntry]:
@@ -232,7 +231,7 @@ class PostgresConfigStore(ConfigStore):
                 for v, at, a, act, t, d in await cur.fetchall()
             ]
 
-        return await self._call(read, retry=True)
+        return await self.call(read, retry=True)
 
     async def aclose(self) -> None:
         async with self._lock:
@@ -248,9 +247,8 @@ class PostgresConfigStore(ConfigStore):
         failing = False
         while True:
             try:
-                conn = await asyncio.wait_for(
-                    self._connect(application_name=LISTENER_NAME), self.connect_timeout + 1
-                )
+                async with asyncio.timeout(self.connect_timeout + 1):
+                    conn = await self._connect(application_name=LISTENER_NAME)
             except (psycopg.Error, OSError, TimeoutError) as exc:
                 if not failing:
                     log.warning(
@@ -288,7 +286,8 @@ class PostgresConfigStore(ConfigStore):
             backoff = min(backoff * 2, self.max_backoff)
 
     async def _poll_version(self, conn: psycopg.AsyncConnection[Any]) -> int:
-        return await asyncio.wait_for(_read_version(conn), self.query_timeout)
+        async with asyncio.timeout(self.query_timeout):
+            return await _read_version(conn)
 
 
 async def _read_version(conn: psycopg.AsyncConnection[Any]) -> int:
