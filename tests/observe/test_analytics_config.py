@@ -3,6 +3,8 @@ its position in the file."""
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from piuptime.config import ConfigError, parse_config
@@ -84,3 +86,15 @@ def test_refusals_point_at_the_key(text: str, where: str, message: str) -> None:
     [issue] = info.value.errors
     assert issue.path == where and message in issue.message, str(issue)
     assert issue.file == "a.yaml" and issue.line == 1
+
+
+def test_postgres_without_psycopg_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # as if the extra were not installed
+    with pytest.raises(ConfigError) as info:
+        parse_config("analytics: {store: postgres, dsn: 'postgresql://h/db'}\n", "a.yaml")
+    [issue] = info.value.errors
+    assert issue.path == "analytics.store" and "piuptime[postgres]" in issue.message
+    from piuptime.observe.analytics_pg import check_driver
+
+    with pytest.raises(RuntimeError, match=r"pip install 'piuptime\[postgres\]'"):
+        check_driver()

@@ -8,6 +8,7 @@ is recorded or written. ``analytics:`` (empty), ``analytics: true`` and ``analyt
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from typing import Annotated, Any, Literal
 
@@ -15,10 +16,19 @@ from pydantic import BaseModel, BeforeValidator, Field, field_validator, model_v
 
 from .types import Int, PathStr, PositiveDuration, SchemaValueError, _model
 
-__all__ = ["AnalyticsConfig", "AnalyticsSection"]
+__all__ = ["INSTALL_HINT", "AnalyticsConfig", "AnalyticsSection", "psycopg_missing"]
 
 _GATEWAY_ID = re.compile(r"[A-Za-z0-9_.:@\-]{1,128}\Z")
 _DSN_URL = ("postgresql://", "postgres://")
+INSTALL_HINT = "store: postgres needs psycopg: pip install 'piuptime[postgres]'"
+
+
+def psycopg_missing() -> bool:
+    """Whether psycopg cannot be imported (looked up, not imported: validation stays cheap)."""
+    try:
+        return importlib.util.find_spec("psycopg") is None
+    except (ImportError, ValueError):
+        return True
 
 
 class AnalyticsConfig(BaseModel):
@@ -91,6 +101,8 @@ class AnalyticsConfig(BaseModel):
                 "postgresql://user:password@host:5432/db)",
                 ("store",),
             )
+        if self.store == "postgres" and psycopg_missing():
+            raise SchemaValueError(INSTALL_HINT, ("store",))
         if self.store == "sqlite" and self.dsn is not None:
             raise SchemaValueError(
                 "dsn is for store: postgres; with store: sqlite set sqlite: (a file path) or "

@@ -49,14 +49,14 @@ ON CONFLICT (dim, minute, name, gateway) DO UPDATE SET
 
 
 def check_driver() -> None:
-    """Fail early, with the fix, when psycopg is not installed."""
+    """Fail early, with the fix, when psycopg is not installed (the config check says the same,
+    with the position in the file)."""
+    from piuptime.config.analytics import INSTALL_HINT
+
     try:
         import psycopg  # noqa: F401
     except ImportError as exc:
-        raise RuntimeError(
-            "analytics.store: postgres needs psycopg; install the postgres extra: "
-            "pip install 'piuptime[postgres]'"
-        ) from exc
+        raise RuntimeError(f"analytics.{INSTALL_HINT}") from exc
 
 
 def _trim(hist: Sequence[int]) -> list[int]:
