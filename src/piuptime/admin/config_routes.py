@@ -600,7 +600,10 @@ def _document_endpoints(router: APIRouter) -> None:
         response_class=Response,
         summary="The whole config document as YAML (secrets redacted unless secrets=keep)",
         responses={
-            200: {"content": {"application/yaml": {"schema": {"type": "string"}}}},
+            200: {
+                "description": "the document (a YAML mapping)",
+                "content": {"application/yaml": {"schema": {"type": "object"}}},
+            },
             **_READ,
         },
     )
