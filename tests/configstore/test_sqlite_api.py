@@ -352,3 +352,28 @@ async def test_the_admin_token_guards_changes(ups: dict[str, Upstream], tmp_path
         assert entries[0]["actor"] == "ci@127.0.0.1"
     finally:
         await app.stop()
+
+
+async def test_a_change_is_validated_again_when_the_file_was_reloaded_meanwhile(
+    gw: tuple[App, int, Admin], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app, port, _ = gw
+    service = app.config_service
+    validate = service._candidate
+    calls = 0
+
+    async def validated_then_reloaded(document: dict[str, Any], base: int) -> Any:
+        nonlocal calls
+        calls += 1
+        loaded = await validate(document, base)
+        if calls == 1:  # as if a reload swapped in another bootstrap file meanwhile
+            service.bootstrap = dict(service.bootstrap)
+        return loaded
+
+    monkeypatch.setattr(service, "_candidate", validated_then_reloaded)
+    created = await gw[2].post(
+        "/routes", {"name": "late", "config": route("/late", "b")}, version=1
+    )
+    assert created.status == 201 and calls == 2  # redone, even with If-Match
+    assert body(created)["version"] == 2 == app.config_version
+    assert await served_by(port, "/late") == "b"

@@ -344,7 +344,10 @@ class ConfigService:
                 entities: EntityDocument = loaded.entities,
                 base: int = snapshot.version,
                 record: Change = record,
+                bootstrap: dict[str, Any] = loaded.bootstrap,
             ) -> Awaitable[int]:
+                if bootstrap is not self.bootstrap:  # the file was reloaded meanwhile
+                    raise _Redo(base, base)
                 return self.store.write(entities, base_version=base, change=record)
 
             try:
@@ -354,8 +357,8 @@ class ConfigService:
                     )
                 else:
                     version = await commit()
-            except VersionConflict:
-                if expected_version is not None:
+            except VersionConflict as exc:
+                if expected_version is not None and not isinstance(exc, _Redo):
                     raise
                 continue  # another writer won the race: redo the change on its document
             return version, result
@@ -505,6 +508,11 @@ class ConfigService:
         await self.stop_watch()
         with contextlib.suppress(Exception):
             await self.store.aclose()
+
+
+class _Redo(VersionConflict):
+    """The bootstrap file was reloaded between validating a change and writing it: validate
+    the change again with the new one (whatever the change's ``expected_version``)."""
 
 
 # --------------------------------------------------------------------------------------------
