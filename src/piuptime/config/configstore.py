@@ -17,6 +17,7 @@ from typing import Literal
 
 from pydantic import BaseModel, field_validator, model_validator
 
+from .analytics import psycopg_missing
 from .types import PathStr, PositiveDuration, SchemaValueError, _model
 
 __all__ = ["ConfigStoreConfig"]
@@ -59,6 +60,10 @@ class ConfigStoreConfig(BaseModel):
         if self.kind == "postgres" and self.dsn is None:
             raise SchemaValueError(
                 f"kind: postgres needs dsn: the database to share ({_DSN_HINT})", ("kind",)
+            )
+        if self.kind == "postgres" and psycopg_missing():
+            raise SchemaValueError(
+                "kind: postgres needs psycopg: pip install 'piuptime[postgres]'", ("kind",)
             )
         if self.kind != "postgres" and self.dsn is not None:
             raise SchemaValueError(
