@@ -10,11 +10,11 @@ does (syscalls, the event loop's polling), so the figure is the gateway's own CP
     uv run python bench/hotpath_micro.py --profile       # the same under cProfile, top 25
     uv run python bench/hotpath_micro.py --policies      # with key_auth and a memory rate_limit
     uv run python bench/hotpath_micro.py --analytics     # plus the analytics recorder
-    uv run python bench/hotpath_micro.py --no-metrics    # without the /metrics request observer
+    uv run python bench/hotpath_micro.py --no-metrics    # without the /metrics request metrics
 
-The handler gets the request-metrics observer (counter + latency histograms) the way
-``piuptime.app.App`` attaches it, so the figure is what a running gateway pays; ``--no-metrics``
-leaves it out to show what it costs.
+The handler gets the request metrics (counter + latency histograms, ``request_metrics``) the way
+``piuptime.app.App`` attaches them, so the figure is what a running gateway pays;
+``--no-metrics`` leaves them out to show what they cost.
 
 Compare the figure with ``bench/cpu_per_request.py``'s user-time column.
 """
@@ -108,7 +108,7 @@ async def setup(
     runtime = compile_runtime(config)
     handler = ProxyHandler(runtime, AccessLog("off"))
     if metrics:  # as App.start does
-        handler.observers = (*handler.observers, RequestMetrics(Metrics()))
+        handler.request_metrics = RequestMetrics(Metrics())
     from piuptime.app import server_limits
 
     server = Server(handler.handle, server_limits(config))
@@ -159,7 +159,7 @@ async def main() -> None:
         "--analytics", action="store_true", help="with the analytics recorder (analytics:)"
     )
     ap.add_argument(
-        "--no-metrics", action="store_true", help="without the request-metrics observer"
+        "--no-metrics", action="store_true", help="without the request metrics (/metrics)"
     )
     args = ap.parse_args()
     down, up, down_t, up_t = await setup(args.policies, not args.no_metrics)
@@ -181,7 +181,7 @@ async def main() -> None:
     best = min(run(args.n, down, up, down_t, up_t, request) for _ in range(args.rounds))
     what = "proxy path with key_auth + rate_limit" if args.policies else "proxy path"
     what += ", analytics recorder" if args.analytics else ""
-    what += ", no metrics observer" if args.no_metrics else ""
+    what += ", no request metrics" if args.no_metrics else ""
     print(f"piuptime {what}: {best * 1e6:.2f} us per request (best of {args.rounds})")
 
 

@@ -137,7 +137,7 @@ class App:
             upstream.start()  # active health checks
         self.access_log.start(loop)
         self.handler = ProxyHandler(self.runtime, self.access_log)
-        self.handler.observers = (*self.handler.observers, self.request_metrics)
+        self.handler.request_metrics = self.request_metrics
         self.handler.tracer = Tracer.from_config(self.config.tracing, self.metrics)
         if self.config.analytics.enabled:
             from piuptime.observe.analytics import Analytics  # sqlite3 only when used

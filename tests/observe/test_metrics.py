@@ -269,6 +269,24 @@ def test_request_observer_counts_and_times() -> None:
     assert len(observe._counts) == 4 and len(observe._timers) == 2
 
 
+def test_record_takes_seconds_and_derives_the_overhead() -> None:
+    m = Metrics()
+    metrics = RequestMetrics(m)
+    metrics.record("api", 204, "bob", 0.010, 0.0075, 2)
+    metrics.record("api", 429, "bob", 0.0004, 0.0, 0)
+    s = Scrape(m.render())
+    assert s.value("piuptime_requests_total", route="api", status_class="2xx", consumer="bob") == 1
+    assert s.value("piuptime_requests_total", route="api", status_class="4xx", consumer="bob") == 1
+    assert s.value("piuptime_gateway_overhead_seconds_sum", route="api") == pytest.approx(0.0029)
+    assert s.value("piuptime_upstream_duration_seconds_sum", route="api") == pytest.approx(0.0075)
+    assert s.value("piuptime_upstream_duration_seconds_count", route="api") == 1
+    assert s.buckets("piuptime_gateway_overhead_seconds", route="api")[:3] == [
+        (0.0005, 1.0),
+        (0.001, 1.0),
+        (0.002, 1.0),
+    ]
+
+
 # -- process metrics --------------------------------------------------------------------------
 
 

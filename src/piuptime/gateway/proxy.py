@@ -37,6 +37,7 @@ from piuptime.http1.client import (
 from piuptime.http1.errors import BodyTooLarge, ClientDisconnected, error_body
 from piuptime.http1.server import Request, Responder
 from piuptime.observe.accesslog import AccessLog, now_iso
+from piuptime.observe.requestmetrics import RequestMetrics
 from piuptime.observe.tracing import Trace, Tracer
 
 log = logging.getLogger("piuptime.proxy")
@@ -72,6 +73,8 @@ class ProxyHandler:
         # called in the log phase with each request's access-log entry (metrics, analytics);
         # never raise, never block
         self.observers: tuple[Callable[[dict[str, Any]], None], ...] = ()
+        # /metrics: fed plain values in the log phase, without building the log entry
+        self.request_metrics: RequestMetrics | None = None
         # W3C trace context, always; spans of sampled requests when a sink is attached
         self.tracer = Tracer()
         # uvloop's loop.time() has millisecond resolution: too coarse for latency figures.
@@ -542,6 +545,18 @@ class ProxyHandler:
     ) -> None:
         if ctx is not None:
             ctx.route.pipeline.finish(ctx)  # type: ignore[union-attr]
+        total = self._loop_time() - req.start_time
+        metrics = self.request_metrics
+        if metrics is not None:
+            who = ctx.consumer if ctx is not None else None
+            metrics.record(
+                route.name if route is not None else None,
+                resp.status,
+                who.name if who is not None else None,
+                total,
+                upstream_time,
+                len(tried),
+            )
         observers = self.observers
         tracer = self.tracer
         if trace is None and (observers or self.access_log.enabled or tracer.sink is not None):
@@ -550,7 +565,6 @@ class ProxyHandler:
             tracer.request_done(trace, req, resp, route, ctx, len(tried))
         if not observers and not self.access_log.enabled:
             return
-        total = self._loop_time() - req.start_time
         consumer = ctx.consumer if ctx is not None else None
         upstream = ctx.upstream if ctx is not None else (route.upstream if route else None)
         request_id = ctx.request_id if ctx is not None else None
@@ -718,6 +732,7 @@ class _Exchange:
                 ctx is not None
                 or handler.access_log.enabled
                 or handler.observers
+                or handler.request_metrics is not None
                 or trace.attempts is not None
             ):
                 handler._log(req, resp, self.route, (self.target,), upstream_time, ctx, trace)
