@@ -24,8 +24,10 @@ def test_known_secret_fields_of_the_schema() -> None:
             {"name": "r", "plugins": {"jwt_auth": {"keys": [{"key": "k2", "kid": "b"}]}}},
         ],
         "llm": {"providers": {"openai": {"kind": "openai", "keys": ["sk-1"], "base_url": "x"}}},
+        "tracing": {"otlp_endpoint": "http://c:4318", "headers": {"X-Honeycomb-Team": "abc"}},
     }
     out = redact(data)
+    assert out["tracing"] == {"otlp_endpoint": "http://c:4318", "headers": {"X-Honeycomb-Team": R}}
     assert out["admin"] == {"listen": "127.0.0.1:9180", "token": R, "tokens": {"ci": R, "al": R}}
     app = out["consumers"]["app"]
     assert app["keys"] == [R, R] and app["groups"] == ["apps"]

@@ -43,6 +43,7 @@ SECRET_PATHS: tuple[tuple[str, ...], ...] = (
     ("consumers", "*", "jwt", "key"),
     ("**", "jwt_auth", "keys", "*", "key"),
     ("llm", "providers", "*", "keys", "*"),
+    ("tracing", "headers", "*"),  # a collector's credentials (Authorization, api keys)
     ("llm", "providers", "*", "key"),
 )
 
