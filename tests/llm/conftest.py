@@ -1,0 +1,23 @@
+"""Fixtures for the AI gateway tests: one fake provider per test, started on the test's loop.
+
+No key is required unless the test sets ``fake.keys = [...]``. Each fake is stopped after the
+test, which closes every connection it still holds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+
+from tests.llm.fakes import FakeOpenAI
+
+
+@pytest.fixture
+async def fake_openai() -> AsyncIterator[FakeOpenAI]:
+    fake = FakeOpenAI()
+    await fake.start()
+    try:
+        yield fake
+    finally:
+        await fake.stop()

@@ -1,0 +1,483 @@
+"""The fake providers speak their protocols: driven by the official SDKs (OpenAI, Anthropic) or by
+plain HTTP (Gemini, Ollama), with no gateway in between; and each misbehaviour is observable on
+the wire."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx2 as httpx
+import openai
+import pytest
+
+from tests.llm.fakes import (
+    Answer,
+    Cut,
+    Error,
+    FakeOpenAI,
+    Malformed,
+    NoEnd,
+    Reset,
+    Silent,
+    Stall,
+    StreamError,
+    content_policy,
+    context_length,
+    overloaded,
+    rate_limited,
+    server_error,
+    unauthorized,
+)
+from tests.support import wait_until
+
+MSGS = [{"role": "user", "content": "Say hello."}]
+WEATHER = {"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}
+
+
+def sse_data(raw: bytes) -> list[str]:
+    """The ``data:`` payloads of an SSE body (LF or CRLF)."""
+    text = raw.decode().replace("\r\n", "\n")
+    out = []
+    for block in text.split("\n\n"):
+        lines = [ln[6:] for ln in block.split("\n") if ln.startswith("data: ")]
+        if lines:
+            out.append("\n".join(lines))
+    return out
+
+
+_BODY = b'{"model":"m","messages":[{"role":"user","content":"hi"}]}'
+RAW_CHAT = (
+    b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+    b"content-length: %d\r\n\r\n%s" % (len(_BODY), _BODY)
+)
+
+
+def oai(fake: FakeOpenAI, key: str = "sk-test") -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=fake.base_url, api_key=key, max_retries=0, timeout=5)
+
+
+# ---------------------------------------------------------------------------------------------
+# OpenAI
+
+
+async def test_openai_chat_whole(fake_openai: FakeOpenAI) -> None:
+    async with oai(fake_openai) as client:
+        r = await client.chat.completions.create(model="gpt-4o-mini", messages=MSGS)  # type: ignore[arg-type]
+    assert r.object == "chat.completion"
+    assert r.model == "gpt-4o-mini"
+    assert r.choices[0].message.content == "Hello from gpt-4o-mini."
+    assert r.choices[0].finish_reason == "stop"
+    assert r.usage is not None and r.usage.total_tokens == 15
+    seen = fake_openai.requests[0]
+    assert seen.method == "POST" and seen.path == "/v1/chat/completions"
+    assert seen.headers["authorization"] == "Bearer sk-test"
+    assert seen.json["messages"] == MSGS
+    assert seen.model == "gpt-4o-mini"
+
+
+async def test_openai_stream_include_usage(fake_openai: FakeOpenAI) -> None:
+    fake_openai.script(Answer(text="one two three four", pieces=4, prompt_tokens=7))
+    async with oai(fake_openai) as client:
+        stream = await client.chat.completions.create(
+            model="gpt-4o",
+            messages=MSGS,  # type: ignore[arg-type]
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        chunks = [c async for c in stream]
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "one two three four"
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.prompt_tokens == 7
+    assert all(c.usage is None for c in chunks[:-1])
+    assert all(c.object == "chat.completion.chunk" and c.model == "gpt-4o" for c in chunks)
+
+
+async def test_openai_stream_without_include_usage_has_no_usage(fake_openai: FakeOpenAI) -> None:
+    async with (
+        httpx.AsyncClient() as http,
+        http.stream(
+            "POST",
+            fake_openai.base_url + "/chat/completions",
+            json={"model": "m", "messages": MSGS, "stream": True},
+        ) as r,
+    ):
+        assert r.headers["transfer-encoding"] == "chunked"
+        assert r.headers["content-type"].startswith("text/event-stream")
+        raw = b"".join([c async for c in r.aiter_raw()])
+    data = sse_data(raw)
+    assert data[-1] == "[DONE]"
+    assert all("usage" not in json.loads(d) for d in data[:-1])
+
+
+async def test_openai_tool_calls_stream_and_whole(fake_openai: FakeOpenAI) -> None:
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+            },
+        }
+    ]
+    fake_openai.script(Answer(tool_calls=[WEATHER]), Answer(tool_calls=[WEATHER], pieces=4))
+    async with oai(fake_openai) as client:
+        r = await client.chat.completions.create(model="m", messages=MSGS, tools=tools)  # type: ignore[arg-type]
+        assert r.choices[0].finish_reason == "tool_calls"
+        assert r.choices[0].message.content is None
+        tc = r.choices[0].message.tool_calls[0]  # type: ignore[index]
+        assert tc.function.name == "get_weather"  # type: ignore[union-attr]
+        assert json.loads(tc.function.arguments) == WEATHER["arguments"]  # type: ignore[union-attr]
+
+        async with client.chat.completions.stream(
+            model="m",
+            messages=MSGS,  # type: ignore[arg-type]
+            tools=tools,  # type: ignore[arg-type]
+        ) as s:
+            final = await s.get_final_completion()
+    msg = final.choices[0].message
+    assert final.choices[0].finish_reason == "tool_calls"
+    assert msg.tool_calls and msg.tool_calls[0].function.name == "get_weather"  # type: ignore[union-attr]
+    assert json.loads(msg.tool_calls[0].function.arguments) == WEATHER["arguments"]  # type: ignore[union-attr]
+    assert msg.tool_calls[0].id.startswith("call_")
+    # the arguments really came in pieces, after a first delta with id/type/name
+    assert fake_openai.requests[1].json["stream"] is True
+
+
+async def test_openai_response_format_echoes_json(fake_openai: FakeOpenAI) -> None:
+    fake_openai.script(Answer(text='{"city": "Paris"}'))
+    async with oai(fake_openai) as client:
+        r = await client.chat.completions.create(
+            model="m",
+            messages=MSGS,  # type: ignore[arg-type]
+            response_format={"type": "json_object"},
+        )
+        assert json.loads(r.choices[0].message.content or "") == {"city": "Paris"}
+        r = await client.chat.completions.create(
+            model="m",
+            messages=MSGS,  # type: ignore[arg-type]
+            response_format={"type": "json_object"},
+        )
+        assert json.loads(r.choices[0].message.content or "") == {"message": "Hello from m."}
+
+
+async def test_openai_usage_false_omits_usage(fake_openai: FakeOpenAI) -> None:
+    fake_openai.script(Answer(usage=False), Answer(usage=False))
+    async with oai(fake_openai) as client:
+        r = await client.chat.completions.create(model="m", messages=MSGS)  # type: ignore[arg-type]
+        assert r.usage is None
+        stream = await client.chat.completions.create(
+            model="m",
+            messages=MSGS,  # type: ignore[arg-type]
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        chunks = [c async for c in stream]
+    assert all(c.choices and c.usage is None for c in chunks)
+
+
+async def test_openai_embeddings_and_models(fake_openai: FakeOpenAI) -> None:
+    async with oai(fake_openai) as client:
+        e = await client.embeddings.create(model="text-embedding-3-small", input=["a", "b"])
+        assert [d.index for d in e.data] == [0, 1]
+        assert len(e.data[0].embedding) == 8
+        assert e.data[0].embedding != e.data[1].embedding
+        assert e.usage.prompt_tokens == 10
+        e = await client.embeddings.create(
+            model="text-embedding-3-small", input="a", dimensions=4, encoding_format="float"
+        )
+        assert len(e.data[0].embedding) == 4
+        models = [m.id async for m in client.models.list()]
+    assert models == fake_openai.models
+
+
+async def test_openai_keys_required(fake_openai: FakeOpenAI) -> None:
+    fake_openai.keys = ["sk-good"]
+    async with oai(fake_openai, key="sk-badbadbad") as client:
+        with pytest.raises(openai.AuthenticationError) as ei:
+            await client.chat.completions.create(model="m", messages=MSGS)  # type: ignore[arg-type]
+    assert ei.value.status_code == 401
+    assert ei.value.code == "invalid_api_key"
+    body = ei.value.body
+    assert isinstance(body, dict) and body["type"] == "invalid_request_error"
+    assert body["param"] is None
+    async with oai(fake_openai, key="sk-good") as client:
+        r = await client.chat.completions.create(model="m", messages=MSGS)  # type: ignore[arg-type]
+    assert r.choices[0].message.content == "Hello from m."
+
+
+async def test_openai_errors(fake_openai: FakeOpenAI) -> None:
+    fake_openai.script(
+        rate_limited(retry_after=2),
+        rate_limited(),
+        server_error(502),
+        context_length(),
+        content_policy(),
+        overloaded(),
+        unauthorized(),
+        Error(418, body={"error": {"message": "teapot"}}, headers={"x-extra": "1"}),
+    )
+    async with oai(fake_openai) as client:
+
+        async def fail() -> openai.APIStatusError:
+            with pytest.raises(openai.APIStatusError) as ei:
+                await client.chat.completions.create(model="m", messages=MSGS)  # type: ignore[arg-type]
+            return ei.value
+
+        e = await fail()
+        assert isinstance(e, openai.RateLimitError)
+        assert e.response.headers["retry-after"] == "2"
+        assert e.response.headers["x-ratelimit-remaining-requests"] == "0"
+        assert e.response.headers["x-ratelimit-reset-requests"] == "2s"
+        assert e.code == "rate_limit_exceeded"
+        e = await fail()
+        assert isinstance(e, openai.RateLimitError)
+        assert "retry-after" not in e.response.headers
+        e = await fail()
+        assert isinstance(e, openai.InternalServerError) and e.status_code == 502
+        assert e.type == "server_error"
+        e = await fail()
+        assert isinstance(e, openai.BadRequestError) and e.code == "context_length_exceeded"
+        assert "maximum context length" in e.message
+        e = await fail()
+        assert isinstance(e, openai.BadRequestError) and e.code == "content_policy_violation"
+        e = await fail()
+        assert e.status_code == 503
+        e = await fail()
+        assert isinstance(e, openai.AuthenticationError)
+        e = await fail()
+        assert e.status_code == 418 and e.response.headers["x-extra"] == "1"
+        # the script is used up: the default answer again
+        r = await client.chat.completions.create(model="m", messages=MSGS)  # type: ignore[arg-type]
+        assert r.choices[0].message.content == "Hello from m."
+    assert fake_openai.pending == 0
+
+
+async def test_openai_stream_error_event(fake_openai: FakeOpenAI) -> None:
+    fake_openai.script(StreamError(after=2, message="boom"))
+    async with oai(fake_openai) as client:
+        stream = await client.chat.completions.create(model="m", messages=MSGS, stream=True)  # type: ignore[arg-type]
+        got = []
+        with pytest.raises(openai.APIError, match="boom"):
+            async for c in stream:
+                got.append(c)
+    assert len(got) == 2
+
+
+async def test_openai_keep_alive_one_connection(fake_openai: FakeOpenAI) -> None:
+    async with httpx.AsyncClient() as http:
+        for _ in range(3):
+            r = await http.post(
+                fake_openai.base_url + "/chat/completions", json={"model": "m", "messages": MSGS}
+            )
+            assert r.status_code == 200
+        async with http.stream(
+            "POST",
+            fake_openai.base_url + "/chat/completions",
+            json={"model": "m", "messages": MSGS, "stream": True},
+        ) as r:
+            await r.aread()
+        r = await http.get(fake_openai.base_url + "/models")
+        assert r.status_code == 200
+    assert fake_openai.opened == 1
+    await wait_until(lambda: fake_openai.connections == 0, 2, "the connection closed")
+
+
+async def test_openai_unknown_path_and_bad_body(fake_openai: FakeOpenAI) -> None:
+    fake_openai.script(server_error())
+    async with httpx.AsyncClient() as http:
+        r = await http.post(fake_openai.base_url + "/nope", json={})
+        assert r.status_code == 404
+        assert r.json()["error"]["message"] == "Invalid URL (POST /v1/nope)"
+        r = await http.post(fake_openai.base_url + "/chat/completions", content=b"{nope")
+        assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    # static replies do not use the script
+    assert fake_openai.pending == 1
+
+
+async def test_openai_delays(fake_openai: FakeOpenAI) -> None:
+    fake_openai.script(Answer(head_delay=0.1, first_token_delay=0.1, chunk_gap=0.05, pieces=2))
+    async with (
+        httpx.AsyncClient() as http,
+        http.stream(
+            "POST",
+            fake_openai.base_url + "/chat/completions",
+            json={"model": "m", "messages": MSGS, "stream": True},
+        ) as r,
+    ):
+        t0 = time.monotonic()
+        it = r.aiter_raw()
+        await it.__anext__()
+        first = time.monotonic() - t0
+        async for _ in it:
+            pass
+        total = time.monotonic() - t0
+    assert first >= 0.09
+    assert total >= first + 4 * 0.045  # 2 pieces + finish + [DONE] after the role chunk
+
+
+# ---------------------------------------------------------------------------------------------
+# misbehaviour on the wire (the OpenAI fake; the others share the code that plays them)
+
+
+async def _stream_raw(fake: FakeOpenAI, timeout: float = 2.0) -> bytes:
+    got = bytearray()
+    async with (
+        httpx.AsyncClient(timeout=timeout) as http,
+        http.stream(
+            "POST",
+            fake.base_url + "/chat/completions",
+            json={"model": "m", "messages": MSGS, "stream": True},
+        ) as r,
+    ):
+        async for c in r.aiter_raw():
+            got += c
+    return bytes(got)
+
+
+async def test_cut_stream_breaks(fake_openai: FakeOpenAI) -> None:
+    fake_openai.script(Cut(after=2))
+    with pytest.raises(httpx.RemoteProtocolError):
+        await _stream_raw(fake_openai)
+    await wait_until(lambda: fake_openai.connections == 0, 2, "the cut connection closed")
+
+
+async def test_cut_stream_sends_n_events_first(fake_openai: FakeOpenAI) -> None:
+    fake_openai.script(Cut(after=2))
+    got = bytearray()
+    with pytest.raises(httpx.RemoteProtocolError):
+        async with (
+            httpx.AsyncClient() as http,
+            http.stream(
+                "POST",
+                fake_openai.base_url + "/chat/completions",
+                json={"model": "m", "messages": MSGS, "stream": True},
+            ) as r,
+        ):
+            async for c in r.aiter_raw():
+                got += c
+    assert len(sse_data(bytes(got))) == 2
+
+
+async def test_cut_whole_body(fake_openai: FakeOpenAI) -> None:
+    fake_openai.script(Cut())
+    async with httpx.AsyncClient() as http:
+        with pytest.raises(httpx.RemoteProtocolError):
+            await http.post(
+                fake_openai.base_url + "/chat/completions", json={"model": "m", "messages": MSGS}
+            )
+
+
+async def test_stall_stream_times_out_and_is_released(fake_openai: FakeOpenAI) -> None:
+    fake_openai.script(Stall(after=1))
+    got = bytearray()
+    with pytest.raises(httpx.ReadTimeout):
+        async with (
+            httpx.AsyncClient(timeout=httpx.Timeout(2.0, read=0.2)) as http,
+            http.stream(
+                "POST",
+                fake_openai.base_url + "/chat/completions",
+                json={"model": "m", "messages": MSGS, "stream": True},
+            ) as r,
+        ):
+            async for c in r.aiter_raw():
+                got += c
+    assert len(sse_data(bytes(got))) == 1
+    # the client left: the fake lets the connection go
+    await wait_until(lambda: fake_openai.connections == 0, 2, "the stalled connection closed")
+
+
+async def test_stall_whole_body_sends_head_only(fake_openai: FakeOpenAI) -> None:
+    fake_openai.script(Stall())
+    async with (
+        httpx.AsyncClient(timeout=httpx.Timeout(2.0, read=0.2)) as http,
+        http.stream(
+            "POST",
+            fake_openai.base_url + "/chat/completions",
+            json={"model": "m", "messages": MSGS},
+        ) as r,
+    ):
+        assert r.status_code == 200
+        with pytest.raises(httpx.ReadTimeout):
+            await r.aread()
+
+
+async def test_silent_never_answers(fake_openai: FakeOpenAI) -> None:
+    fake_openai.script(Silent())
+    async with httpx.AsyncClient(timeout=httpx.Timeout(2.0, read=0.2)) as http:
+        with pytest.raises(httpx.ReadTimeout):
+            await http.post(
+                fake_openai.base_url + "/chat/completions", json={"model": "m", "messages": MSGS}
+            )
+    assert len(fake_openai.requests) == 1
+    await wait_until(lambda: fake_openai.connections == 0, 2, "the silent connection closed")
+
+
+async def test_silent_connection_closed_by_stop() -> None:
+    fake = await FakeOpenAI().start()
+    fake.script(Silent())
+    reader, writer = await asyncio.open_connection("127.0.0.1", fake.port)
+    writer.write(RAW_CHAT)
+    await wait_until(lambda: len(fake.requests) == 1, 2, "the request arrived")
+    assert fake.connections == 1
+    await fake.stop()
+    assert fake.connections == 0
+    assert await asyncio.wait_for(reader.read(), 2) == b""
+    writer.close()
+
+
+async def test_reset_is_a_tcp_rst(fake_openai: FakeOpenAI) -> None:
+    fake_openai.script(Reset())
+    reader, writer = await asyncio.open_connection("127.0.0.1", fake_openai.port)
+    writer.write(RAW_CHAT)
+    with pytest.raises(ConnectionResetError):
+        await asyncio.wait_for(reader.read(), 2)
+    writer.close()
+    fake_openai.script(Reset())
+    async with httpx.AsyncClient() as http:
+        with pytest.raises((httpx.ReadError, httpx.RemoteProtocolError)):
+            await http.post(
+                fake_openai.base_url + "/chat/completions", json={"model": "m", "messages": MSGS}
+            )
+
+
+async def test_no_end_marker(fake_openai: FakeOpenAI) -> None:
+    fake_openai.script(NoEnd())
+    data = sse_data(await _stream_raw(fake_openai))  # the HTTP body ends cleanly
+    assert "[DONE]" not in data
+    assert json.loads(data[-1])["choices"][0]["finish_reason"] == "stop"
+
+
+async def test_malformed_event(fake_openai: FakeOpenAI) -> None:
+    fake_openai.script(Malformed(at=1))
+    data = sse_data(await _stream_raw(fake_openai))
+    assert data[-1] == "[DONE]"
+    bad = []
+    for i, d in enumerate(data[:-1]):
+        try:
+            json.loads(d)
+        except ValueError:
+            bad.append(i)
+    assert bad == [1]
+    fake_openai.script(Malformed())
+    async with httpx.AsyncClient() as http:
+        r = await http.post(
+            fake_openai.base_url + "/chat/completions", json={"model": "m", "messages": MSGS}
+        )
+    assert r.status_code == 200
+    with pytest.raises(ValueError):
+        json.loads(r.content)
+
+
+async def test_requests_recorded_with_arrival_time(fake_openai: FakeOpenAI) -> None:
+    t0 = time.monotonic()
+    async with httpx.AsyncClient() as http:
+        await http.get(fake_openai.base_url + "/models?limit=2", headers={"X-Custom": "A"})
+    seen = fake_openai.requests[0]
+    assert seen.method == "GET" and seen.path == "/v1/models" and seen.query == {"limit": "2"}
+    assert seen.headers["x-custom"] == "A" and seen.json is None
+    assert t0 <= seen.at <= time.monotonic()
