@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from fastapi import APIRouter
 
     from piuptime.admin.server import AdminServer
+    from piuptime.llm.runtime import LlmRuntime
     from piuptime.observe.analytics import Analytics
 
 log = logging.getLogger("piuptime")
@@ -132,7 +133,7 @@ class App:
         loaded = await self.config_service.start(self.config)  # database: the stored config
         self.config, self.config_version = loaded.config, loaded.version
         self.plugin_env = await self._make_env(self.config)
-        self.runtime = compile_runtime(self.config, None, self.plugin_env)
+        self.runtime = self._compile(self.config)
         for upstream in self.runtime.upstreams.values():
             upstream.start()  # active health checks
         self.access_log.start(loop)
@@ -306,6 +307,12 @@ class App:
             log.warning("admin section added; restart the process to start the admin listener")
         for upstream in retired_upstreams(old, new_runtime):
             asyncio.get_running_loop().create_task(upstream.aclose())
+        old_llm = old.attached.get("llm")
+        if old_llm is not None:
+            from piuptime.llm.runtime import retired_providers
+
+            for provider in retired_providers(old_llm, new_runtime.attached.get("llm")):
+                self.spawn(provider.aclose())
         self.reloads.succeeded += 1
         self.reloads.last_success = time.time()
         log.info("configuration reloaded (%s): %s", reason, _summary(config))
@@ -315,10 +322,25 @@ class App:
         environment at the new upstreams and consumers; when it fails, that is undone."""
         saved = dict(vars(self.plugin_env)) if self.plugin_env is not None else {}
         try:
-            return compile_runtime(config, self.runtime, self.plugin_env)
+            llm = None
+            if config.llm is not None:
+                from piuptime.llm.runtime import build_llm  # the AI gateway loads only here
+
+                llm = build_llm(config, self.llm, self.metrics)
+            runtime = compile_runtime(
+                config, self.runtime, self.plugin_env, llm.routes if llm is not None else ()
+            )
+            runtime.attached["llm"] = llm
+            return runtime
         except BaseException:
             self._restore_env(saved)
             raise
+
+    @property
+    def llm(self) -> LlmRuntime | None:
+        """The running AI gateway (``llm:``), None without one."""
+        runtime = self.runtime
+        return runtime.attached.get("llm") if runtime is not None else None
 
     def _restore_env(self, saved: dict[str, Any]) -> None:
         if self.plugin_env is not None:
@@ -441,6 +463,10 @@ class App:
         if self.runtime is not None:
             for upstream in self.runtime.upstreams.values():
                 await upstream.aclose()
+            llm = self.llm
+            if llm is not None:
+                for provider in llm.providers.values():
+                    await provider.aclose()
         for task in list(self._background):
             task.cancel()
         if self._background:

@@ -606,7 +606,7 @@ def _api_router() -> APIRouter:
         healthy = total = 0
         if runtime is not None:
             for compiled in runtime.routes:
-                if compiled.name == route.name:
+                if compiled.name == route.name and compiled.handler is None:
                     if compiled.pipeline is not None:
                         plugins = compiled.pipeline.names
                     targets = compiled.upstream.snapshot()["targets"]

@@ -22,6 +22,7 @@ from .types import (
 
 __all__ = [
     "DEFAULT_BASE_URLS",
+    "LLM_ROUTE_PLUGINS_REFUSED",
     "LlmBreaker",
     "LlmConfig",
     "LlmDeployment",
@@ -31,6 +32,12 @@ __all__ = [
     "LlmTimeouts",
     "Price",
 ]
+
+#: plugins that act on an upstream request or answer: meaningless on the LLM API, refused on
+#: an llm route and skipped there when configured globally
+LLM_ROUTE_PLUGINS_REFUSED = frozenset(
+    ("cache", "traffic_split", "mirror", "proxy_rewrite", "request_transformer")
+)
 
 ProviderKind = Literal["openai", "ollama", "anthropic", "gemini"]
 
@@ -239,4 +246,25 @@ def llm_problems(cfg: LlmConfig) -> list[tuple[Loc, str]]:
         if rname in seen:
             problems.append((("routes", i, "name"), f"two llm routes are called {rname!r}"))
         seen.add(rname)
+    return problems
+
+
+def llm_route_problems(
+    routes: list[LlmRoute], proxy_route_names: list[str]
+) -> list[tuple[Loc, str]]:
+    """Plugins an llm route cannot run, and names shared with proxy routes."""
+    problems: list[tuple[Loc, str]] = []
+    taken = set(proxy_route_names)
+    for i, route in enumerate(routes):
+        for name in route.plugins.enabled():
+            if name in LLM_ROUTE_PLUGINS_REFUSED:
+                problems.append(
+                    (
+                        ("llm", "routes", i, "plugins", name),
+                        f"{name} acts on a proxied upstream and is not available on llm routes",
+                    )
+                )
+        rname = route.name or f"llm:{route.path}"
+        if rname in taken:
+            problems.append((("llm", "routes", i, "name"), f"a route is already called {rname!r}"))
     return problems

@@ -303,8 +303,6 @@ def _unsupported(data: dict[str, Any]) -> list[_Problem]:
     def add(loc: Loc, message: str, *, on_key: bool = True) -> None:
         found.append(_Problem(loc, message, on_key=on_key, unsupported=True))
 
-    if data.get("llm") is not None:
-        add(("llm",), f"{_UNSUPPORTED} (issue 6); remove it")
     return found
 
 

@@ -18,6 +18,7 @@ from pydantic import BaseModel, BeforeValidator, Field, field_validator, model_v
 
 from .analytics import AnalyticsConfig, AnalyticsSection
 from .configstore import ConfigStoreConfig
+from .llm import LlmConfig, llm_route_problems
 from .plugins import PluginsConfig
 from .plugins.auth import (
     BasicCredential,
@@ -1007,7 +1008,7 @@ class Config(BaseModel):
     plugins: PluginsConfig = Field(default_factory=PluginsConfig)
     analytics: AnalyticsSection = Field(default_factory=AnalyticsConfig.off)
     tracing: Annotated[TracingConfig | None, _Section] = None
-    llm: dict[str, Any] | None = None
+    llm: LlmConfig | None = None
 
     @model_validator(mode="after")
     def _references(self) -> Config:
@@ -1016,8 +1017,14 @@ class Config(BaseModel):
         problems += consumer_problems(
             self.consumers,
             [(("plugins",), self.plugins)]
-            + [(("routes", i, "plugins"), r.plugins) for i, r in enumerate(self.routes)],
+            + [(("routes", i, "plugins"), r.plugins) for i, r in enumerate(self.routes)]
+            + [
+                (("llm", "routes", i, "plugins"), r.plugins)
+                for i, r in enumerate(self.llm.routes if self.llm is not None else ())
+            ],
         )
+        if self.llm is not None:
+            problems += llm_route_problems(self.llm.routes, [r.name for r in self.routes])
         if problems:
             raise SchemaValueError(problems[0][1], problems[0][0])
         return self

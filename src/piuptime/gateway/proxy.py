@@ -146,6 +146,8 @@ class ProxyHandler:
         fast: bool,
     ) -> Awaitable[None] | None:
         """Pick a target and send; ``fast``: the callback path may be taken."""
+        if route.handler is not None:
+            return self._handled(req, resp, route, ctx)
         rt = self.runtime
         upstream = route.upstream if ctx is None else ctx.upstream
         key = _hash_key(req, upstream.hash_on) if upstream.hash_on is not None else None
@@ -203,6 +205,24 @@ class ProxyHandler:
         return self._forward(
             req, resp, route, target, rt.via, path, headers, key, ctx=ctx, trace=trace
         )
+
+    async def _handled(
+        self, req: Request, resp: Responder, route: CompiledRoute, ctx: Ctx | None
+    ) -> None:
+        """A route with a handler of its own (the LLM API): it answers and logs."""
+        logged = False
+
+        def log(extra: dict[str, Any] | None, upstream_time: float) -> None:
+            nonlocal logged
+            if not logged:
+                logged = True
+                self._log(req, resp, route, (), upstream_time, ctx, extra=extra)
+
+        try:
+            await route.handler(req, resp, ctx, log)  # type: ignore[misc]
+        finally:
+            if ctx is not None:
+                route.pipeline.finish(ctx)  # type: ignore[union-attr]
 
     async def _forward(
         self,
@@ -542,6 +562,7 @@ class ProxyHandler:
         upstream_time: float,
         ctx: Ctx | None = None,
         trace: Trace | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> None:
         if ctx is not None:
             ctx.route.pipeline.finish(ctx)  # type: ignore[union-attr]
@@ -567,6 +588,8 @@ class ProxyHandler:
             return
         consumer = ctx.consumer if ctx is not None else None
         upstream = ctx.upstream if ctx is not None else (route.upstream if route else None)
+        if route is not None and route.handler is not None:
+            upstream = None
         request_id = ctx.request_id if ctx is not None else None
         entry = {
             "time": now_iso(),
@@ -587,6 +610,8 @@ class ProxyHandler:
             "gateway_ms": round((total - upstream_time) * 1000, 3),
             "trace_id": trace.trace_id.decode() if trace is not None else None,
         }
+        if extra:
+            entry.update(extra)
         self.access_log.record(entry)
         for observe in observers:
             observe(entry)

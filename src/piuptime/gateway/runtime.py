@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Collection, Iterable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
 
 from piuptime.config.plugins import merged
 from piuptime.gateway.balancer import LoadBalancer, make_balancer
@@ -27,6 +28,8 @@ from piuptime.http1.client import Pool, PoolOptions
 
 if TYPE_CHECKING:
     from piuptime.config.schema import Config, Route, Upstream
+    from piuptime.gateway.plugins import Ctx
+    from piuptime.http1.server import Request, Responder
 
 log = logging.getLogger("piuptime.runtime")
 
@@ -437,6 +440,7 @@ class CompiledRoute:
     """What the proxy needs per matched route, precomputed at load."""
 
     __slots__ = (
+        "handler",
         "host_mode",
         "host_value",
         "is_prefix",
@@ -451,7 +455,10 @@ class CompiledRoute:
 
     def __init__(self, route: Route, upstream: UpstreamRuntime) -> None:
         self.name = route.name
+        # A handler route (``handler`` set) has none: it is built with None, never proxies,
+        # and the plugins that need an upstream are refused on it when the config is checked.
         self.upstream = upstream
+        self.handler: RouteHandler | None = None
         self.is_prefix = route.match.path.endswith("/")
         self.strip_prefix = route.strip_prefix
         self.max_body_bytes = route.max_body_bytes
@@ -485,6 +492,55 @@ class CompiledRoute:
         return self.host_value
 
 
+#: ``log(extra, upstream_seconds)``: what a route handler calls once its answer is on the wire;
+#: ``extra`` fields go into the access-log entry.
+LogFn = Callable[[dict[str, Any] | None, float], None]
+
+
+class RouteHandler(Protocol):
+    """A route that answers by itself instead of proxying to an upstream (the LLM API).
+
+    Called after the access phase (auth, limits) with the request's ``Ctx`` (None when the
+    route has no plugins). It writes the whole response, applies ``ctx``'s response phase to
+    its headers, and calls ``log`` exactly once."""
+
+    def __call__(
+        self, req: Request, resp: Responder, ctx: Ctx | None, log: LogFn
+    ) -> Awaitable[None]: ...
+
+
+@dataclass(slots=True)
+class HandlerRoute:
+    """A handler route to compile beside the config's proxy routes (built by the app from
+    sections the gateway knows nothing about, such as ``llm.routes``)."""
+
+    name: str
+    path: str
+    handler: RouteHandler
+    hosts: tuple[str, ...] = ()
+    priority: int | None = None
+    max_body_bytes: int | None = None
+    plugins: dict[str, Any] = field(default_factory=dict)  # merged plugin configs, by name
+
+
+class _HandlerRouteConfig:
+    """The few ``Route`` fields ``CompiledRoute`` reads, for a handler route."""
+
+    def __init__(self, spec: HandlerRoute) -> None:
+        self.name = spec.name
+        self.max_body_bytes = spec.max_body_bytes
+        self.strip_prefix = False
+        self.rewrite = None
+        self.host_header = "pass"
+        self.retry_non_idempotent = False
+        self.match = _PathOnly(spec.path)
+
+
+@dataclass(slots=True)
+class _PathOnly:
+    path: str
+
+
 def _compile_template(template: str) -> tuple[bytes | tuple[str], ...]:
     """``/v2/{id}/x`` → (b"/v2/", ("id",), b"/x"); placeholders were checked by config."""
     parts: list[bytes | tuple[str]] = []
@@ -512,7 +568,7 @@ def _expand(parts: tuple[bytes | tuple[str], ...], params: dict[str, str]) -> by
 class Runtime:
     """One compiled configuration: router, routes and upstreams."""
 
-    __slots__ = ("config", "env", "router", "routes", "upstreams", "via")
+    __slots__ = ("attached", "config", "env", "router", "routes", "upstreams", "via")
 
     def snapshot(self) -> dict[str, Any]:
         """Live state of every upstream (what the admin ``/status`` shows)."""
@@ -531,15 +587,21 @@ class Runtime:
         self.upstreams = upstreams
         self.via = f"1.1 {config.gateway.via}".encode()
         self.env: PluginEnv | None = None
+        # what the owners of handler routes compiled with this runtime (the app's "llm")
+        self.attached: dict[str, Any] = {}
 
 
 def compile_runtime(
-    config: Config, previous: Runtime | None = None, env: PluginEnv | None = None
+    config: Config,
+    previous: Runtime | None = None,
+    env: PluginEnv | None = None,
+    handler_routes: Sequence[HandlerRoute] = (),
 ) -> Runtime:
     """Build a runtime, reusing upstreams from ``previous`` whose config is unchanged.
 
     ``env`` carries what plugins share across reloads (state stores, metrics); without one
-    (tests, tools) a private in-memory environment is made."""
+    (tests, tools) a private in-memory environment is made. ``handler_routes`` are routes
+    answered by a handler of their own (no upstream)."""
     old = previous.upstreams if previous is not None else {}
     upstreams: dict[str, UpstreamRuntime] = {}
     for name, ucfg in config.upstreams.items():
@@ -561,6 +623,22 @@ def compile_runtime(
         compiled.pipeline = compile_pipeline(merged(config.plugins, r.plugins), env, compiled)
         routes.append(compiled)
         specs.append(_spec(r, compiled))
+    for h in handler_routes:
+        compiled = CompiledRoute(_HandlerRouteConfig(h), None)  # type: ignore[arg-type]
+        compiled.handler = h.handler
+        compiled.pipeline = compile_pipeline(h.plugins, env, compiled)
+        routes.append(compiled)
+        specs.append(
+            RouteSpec(
+                name=h.name,
+                path=h.path,
+                methods=None,
+                hosts=h.hosts,
+                headers=(),
+                priority=h.priority,
+                payload=compiled,
+            )
+        )
     runtime = Runtime(config, Router(specs), routes, upstreams)
     runtime.env = env
     return runtime
