@@ -41,7 +41,7 @@ async def gateway(text: str, **kw: Any) -> AsyncIterator[tuple[Any, int]]:
 
 def metric(app: Any, name: str, **labels: str) -> float:
     """The value of one sample in the app's metrics (0 when absent)."""
-    family = app.metrics.families.get(name)
+    family = app.metrics.families.get(f"piuptime_{name}")
     if family is None:
         return 0.0
     total = 0.0

@@ -587,51 +587,57 @@ class _Plan:
         api = self.api
         visited: set[str] = set()
         queue = self.groups()
-        waited = False
-        while True:
-            held: list[tuple[float, DeploymentState, Group]] = []
-            i = 0
-            while i < len(queue):
-                group = queue[i]
-                i += 1
-                if group.name in visited:
+        held: list[tuple[float, DeploymentState, Group]] = []
+        i = 0
+        while i < len(queue):
+            group = queue[i]
+            i += 1
+            if group.name in visited:
+                continue
+            visited.add(group.name)
+            if group is not self.group:
+                outcome.fallbacks += 1
+            jump: str | None = None
+            for dep in group.order():
+                wait = dep.wait(self.estimate)
+                if wait > 0:
+                    held.append((wait, dep, group))
                     continue
-                visited.add(group.name)
-                if group is not self.group:
-                    outcome.fallbacks += 1
-                jump: str | None = None
-                for dep in group.order():
-                    wait = dep.wait(self.estimate)
-                    if wait > 0:
-                        held.append((wait, dep, group))
-                        continue
-                    try:
-                        result = await self._on(dep, group, attempt)
-                    except ProviderError as exc:
-                        if exc.kind == CONTEXT_LENGTH:
-                            jump = group.context_fallback or ""
-                            self._remember(exc, dep)
-                            break
-                        continue
-                    return result
-                if jump is not None:
-                    if jump and jump not in visited and jump in api.groups:
-                        queue.insert(i, api.groups[jump])
-                        continue
-                    assert self.first_error is not None
-                    raise from_provider(self.first_error, self.first_where)
-            # everything was tried or held: wait for the soonest hold if the deadline allows
-            remaining = self.deadline - _perf()
-            usable = [(w, d, g) for w, d, g in held if w != float("inf")]
-            if usable and not waited:
-                wait, dep, group = min(usable, key=lambda x: x[0])
-                if wait < remaining:
-                    waited = True
-                    await asyncio.sleep(wait)
-                    visited.clear()
-                    queue = [group]
+                try:
+                    return await self._on(dep, group, attempt)
+                except ProviderError as exc:
+                    if exc.kind == CONTEXT_LENGTH:
+                        jump = group.context_fallback or ""
+                        break
+            if jump is not None:
+                if jump and jump not in visited and jump in api.groups:
+                    queue.insert(i, api.groups[jump])
                     continue
-            raise self._exhausted(held)
+                assert self.first_error is not None
+                raise from_provider(self.first_error, self.first_where)
+        # everything was tried or held: when a deployment is only held off (Retry-After,
+        # back-off, rpm/tpm) and the deadline allows, wait for the soonest and ask it again
+        soonest = self._soonest(visited)
+        if soonest is not None and soonest[0] < self.deadline - _perf():
+            wait, dep, group = soonest
+            await asyncio.sleep(wait)
+            try:
+                return await self._on(dep, group, attempt)
+            except ProviderError as exc:
+                if exc.kind == CONTEXT_LENGTH:
+                    raise from_provider(exc, dep.label) from None
+        raise self._exhausted(held)
+
+    def _soonest(self, visited: set[str]) -> tuple[float, DeploymentState, Group] | None:
+        """The held-off deployment (of the groups tried) that may be asked again first."""
+        best: tuple[float, DeploymentState, Group] | None = None
+        for name in visited:
+            group = self.api.groups[name]
+            for dep in group.deployments:
+                wait = dep.wait(self.estimate)
+                if 0 < wait != float("inf") and (best is None or wait < best[0]):
+                    best = (wait, dep, group)
+        return best
 
     async def _on(
         self,
