@@ -10,12 +10,22 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from tests.llm.fakes import FakeOpenAI
+from tests.llm.fakes import FakeAnthropic, FakeOpenAI
 
 
 @pytest.fixture
 async def fake_openai() -> AsyncIterator[FakeOpenAI]:
     fake = FakeOpenAI()
+    await fake.start()
+    try:
+        yield fake
+    finally:
+        await fake.stop()
+
+
+@pytest.fixture
+async def fake_anthropic() -> AsyncIterator[FakeAnthropic]:
+    fake = FakeAnthropic()
     await fake.start()
     try:
         yield fake

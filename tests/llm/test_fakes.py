@@ -8,6 +8,7 @@ import asyncio
 import json
 import time
 
+import anthropic
 import httpx2 as httpx
 import openai
 import pytest
@@ -16,6 +17,7 @@ from tests.llm.fakes import (
     Answer,
     Cut,
     Error,
+    FakeAnthropic,
     FakeOpenAI,
     Malformed,
     NoEnd,
@@ -318,6 +320,212 @@ async def test_openai_delays(fake_openai: FakeOpenAI) -> None:
         total = time.monotonic() - t0
     assert first >= 0.09
     assert total >= first + 4 * 0.045  # 2 pieces + finish + [DONE] after the role chunk
+
+
+# ---------------------------------------------------------------------------------------------
+# Anthropic
+
+
+def ant(fake: FakeAnthropic, key: str = "sk-ant-test") -> anthropic.AsyncAnthropic:
+    return anthropic.AsyncAnthropic(base_url=fake.base_url, api_key=key, max_retries=0, timeout=5)
+
+
+async def test_anthropic_message_whole(fake_anthropic: FakeAnthropic) -> None:
+    async with ant(fake_anthropic) as client:
+        m = await client.messages.create(
+            model="claude-haiku-4-5",
+            max_tokens=100,
+            system="Be brief.",
+            messages=MSGS,  # type: ignore[arg-type]
+        )
+    assert m.type == "message" and m.role == "assistant"
+    assert m.model == "claude-haiku-4-5"
+    assert m.content[0].type == "text" and m.content[0].text == "Hello from claude-haiku-4-5."
+    assert m.stop_reason == "end_turn"
+    assert m.usage.input_tokens == 10 and m.usage.output_tokens == 5
+    seen = fake_anthropic.requests[0]
+    # this SDK sends the key as a Bearer token; x-api-key is checked in the raw tests below
+    assert seen.headers["authorization"] == "Bearer sk-ant-test"
+    assert seen.headers["anthropic-version"]
+    assert seen.json["system"] == "Be brief."
+
+
+async def test_anthropic_stream_every_event_type(fake_anthropic: FakeAnthropic) -> None:
+    fake_anthropic.script(Answer(text="Hi there, friend", pieces=3, completion_tokens=4))
+    async with (
+        ant(fake_anthropic) as client,
+        client.messages.stream(
+            model="claude-sonnet-4-5",
+            max_tokens=100,
+            messages=MSGS,  # type: ignore[arg-type]
+        ) as stream,
+    ):
+        types = [event.type async for event in stream]
+        final = await stream.get_final_message()
+    assert final.content[0].text == "Hi there, friend"  # type: ignore[union-attr]
+    assert final.stop_reason == "end_turn"
+    assert final.usage.output_tokens == 4 and final.usage.input_tokens == 10
+    assert types[0] == "message_start" and types[-1] == "message_stop"
+    for t in ("content_block_start", "content_block_delta", "content_block_stop", "message_delta"):
+        assert t in types
+
+
+async def test_anthropic_stream_wire_order(fake_anthropic: FakeAnthropic) -> None:
+    fake_anthropic.script(Answer(text="Hi", pieces=1, tool_calls=[WEATHER]))
+    async with (
+        httpx.AsyncClient() as http,
+        http.stream(
+            "POST",
+            fake_anthropic.base_url + "/v1/messages",
+            headers={"anthropic-version": "2023-06-01"},
+            json={"model": "c", "max_tokens": 10, "messages": MSGS, "stream": True},
+        ) as r,
+    ):
+        raw = (await r.aread()).decode()
+    names = [ln[7:] for ln in raw.split("\n") if ln.startswith("event: ")]
+    assert names == [
+        "message_start",
+        "content_block_start",
+        "ping",
+        "content_block_delta",
+        "content_block_stop",
+        "content_block_start",
+        "content_block_delta",  # the empty partial_json first
+        "content_block_delta",
+        "content_block_stop",
+        "message_delta",
+        "message_stop",
+    ]
+    data = [json.loads(d) for d in sse_data(raw.encode())]
+    assert data[5]["content_block"]["type"] == "tool_use"
+    assert data[6]["delta"] == {"type": "input_json_delta", "partial_json": ""}
+    assert json.loads(data[7]["delta"]["partial_json"]) == WEATHER["arguments"]
+    assert data[9]["delta"]["stop_reason"] == "tool_use"
+    assert data[9]["usage"] == {"output_tokens": 5}
+
+
+async def test_anthropic_tool_use_stream_final_message(fake_anthropic: FakeAnthropic) -> None:
+    fake_anthropic.script(Answer(tool_calls=[WEATHER]), Answer(tool_calls=[WEATHER]))
+    tools = [{"name": "get_weather", "input_schema": {"type": "object"}}]
+    async with ant(fake_anthropic) as client:
+        m = await client.messages.create(
+            model="c",
+            max_tokens=100,
+            messages=MSGS,  # type: ignore[arg-type]
+            tools=tools,  # type: ignore[arg-type]
+        )
+        assert m.stop_reason == "tool_use"
+        assert m.content[0].type == "tool_use" and m.content[0].input == WEATHER["arguments"]
+        async with client.messages.stream(
+            model="c",
+            max_tokens=100,
+            messages=MSGS,  # type: ignore[arg-type]
+            tools=tools,  # type: ignore[arg-type]
+        ) as stream:
+            final = await stream.get_final_message()
+    block = final.content[0]
+    assert block.type == "tool_use" and block.name == "get_weather"
+    assert block.input == WEATHER["arguments"] and block.id.startswith("toolu_")
+    assert final.stop_reason == "tool_use"
+
+
+async def test_anthropic_errors(fake_anthropic: FakeAnthropic) -> None:
+    fake_anthropic.script(
+        overloaded(),
+        rate_limited(retry_after=3),
+        context_length(),
+        server_error(),
+        content_policy(),
+    )
+    async with ant(fake_anthropic) as client:
+
+        async def fail() -> anthropic.APIStatusError:
+            with pytest.raises(anthropic.APIStatusError) as ei:
+                await client.messages.create(model="c", max_tokens=10, messages=MSGS)  # type: ignore[arg-type]
+            return ei.value
+
+        e = await fail()
+        assert e.status_code == 529
+        assert e.body["error"]["type"] == "overloaded_error"  # type: ignore[index]
+        assert e.body["type"] == "error"  # type: ignore[index]
+        e = await fail()
+        assert isinstance(e, anthropic.RateLimitError)
+        assert e.response.headers["retry-after"] == "3"
+        assert e.response.headers["anthropic-ratelimit-requests-remaining"] == "0"
+        assert e.response.headers["anthropic-ratelimit-requests-reset"].endswith("Z")
+        e = await fail()
+        assert isinstance(e, anthropic.BadRequestError)
+        assert e.body["error"]["message"].startswith("prompt is too long")  # type: ignore[index]
+        e = await fail()
+        assert isinstance(e, anthropic.InternalServerError)
+        assert e.body["error"]["type"] == "api_error"  # type: ignore[index]
+        e = await fail()
+        assert isinstance(e, anthropic.BadRequestError)
+
+
+async def test_anthropic_checks_headers_and_body(fake_anthropic: FakeAnthropic) -> None:
+    fake_anthropic.keys = ["sk-ant-good"]
+    async with ant(fake_anthropic, key="sk-ant-bad") as client:
+        with pytest.raises(anthropic.AuthenticationError) as ei:
+            await client.messages.create(model="c", max_tokens=10, messages=MSGS)  # type: ignore[arg-type]
+    assert ei.value.body["error"] == {  # type: ignore[index]
+        "type": "authentication_error",
+        "message": "invalid x-api-key",
+    }
+    async with httpx.AsyncClient() as http:
+        url = fake_anthropic.base_url + "/v1/messages"
+        ok = {"x-api-key": "sk-ant-good", "anthropic-version": "2023-06-01"}
+        body = {"model": "c", "max_tokens": 10, "messages": MSGS}
+        r = await http.post(url, headers={"anthropic-version": "2023-06-01"}, json=body)
+        assert r.status_code == 401
+        assert r.json()["error"]["message"] == "x-api-key header is required"
+        r = await http.post(url, headers={**ok, "x-api-key": "sk-ant-bad"}, json=body)
+        assert r.status_code == 401 and r.json()["type"] == "error"
+        r = await http.post(url, headers={"x-api-key": "sk-ant-good"}, json=body)
+        assert r.status_code == 400 and "anthropic-version" in r.json()["error"]["message"]
+        r = await http.post(url, headers=ok, json={"model": "c", "messages": MSGS})
+        assert r.status_code == 400 and r.json()["error"]["message"] == "max_tokens: Field required"
+        r = await http.post(
+            url, headers=ok, json={**body, "messages": [{"role": "system", "content": "x"}, *MSGS]}
+        )
+        assert r.status_code == 400 and "top-level `system`" in r.json()["error"]["message"]
+        r = await http.post(url, headers=ok, json=body)
+        assert r.status_code == 200 and r.headers["anthropic-ratelimit-requests-limit"] == "50"
+
+
+async def test_anthropic_error_event_mid_stream(fake_anthropic: FakeAnthropic) -> None:
+    fake_anthropic.script(StreamError(after=4))
+    got = []
+    async with ant(fake_anthropic) as client:
+        with pytest.raises(anthropic.APIStatusError) as ei:
+            async with client.messages.stream(
+                model="c",
+                max_tokens=10,
+                messages=MSGS,  # type: ignore[arg-type]
+            ) as stream:
+                async for event in stream:
+                    got.append(event.type)
+    assert "Overloaded" in str(ei.value)
+    assert got[0] == "message_start" and "message_stop" not in got
+
+
+async def test_anthropic_no_end_and_usage_false(fake_anthropic: FakeAnthropic) -> None:
+    fake_anthropic.script(NoEnd(), NoEnd(answer=Answer(usage=False)))
+    for usage in (True, False):
+        async with (
+            httpx.AsyncClient() as http,
+            http.stream(
+                "POST",
+                fake_anthropic.base_url + "/v1/messages",
+                headers={"anthropic-version": "2023-06-01"},
+                json={"model": "c", "max_tokens": 10, "messages": MSGS, "stream": True},
+            ) as r,
+        ):
+            raw = await r.aread()
+        events = [json.loads(d) for d in sse_data(raw)]
+        assert events[-1]["type"] == "message_delta"
+        assert ("usage" in events[-1]) is usage
+        assert ("usage" in events[0]["message"]) is usage
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ See ``base`` for the behaviours (``Answer``, ``Error`` and its constructors, ``C
 
 from __future__ import annotations
 
+from .anthropic_fake import FakeAnthropic
 from .base import (
     Answer,
     Behaviour,
@@ -33,6 +34,7 @@ __all__ = [
     "Behaviour",
     "Cut",
     "Error",
+    "FakeAnthropic",
     "FakeOpenAI",
     "FakeServer",
     "Malformed",
