@@ -165,15 +165,17 @@ def test_merged_values_report_their_own_position() -> None:
 # --------------------------------------------------------------------------------------------
 # The DESIGN.md example
 
-DESIGN_ISSUES = [
-    "38:1: llm: not supported yet (issue 6); remove it",
-]
-# consumers are built: their unset ${KITCHEN_KEY} is reported (the llm section's are not, inside
-# a section that is not supported yet)
+# every section is built now: only unset ${VARS} are errors
 DESIGN_KEY_UNSET = (
     "26:24: consumers.kitchen-app.keys[0]: environment variable KITCHEN_KEY is not set; set it, "
     "or write ${KITCHEN_KEY:-default} to give a default"
 )
+DESIGN_LLM_KEYS_UNSET = [
+    "41:74: llm.providers.openai.keys[0]: environment variable OPENAI_API_KEY is not set; set "
+    "it, or write ${OPENAI_API_KEY:-default} to give a default",
+    "42:38: llm.providers.claude.keys[0]: environment variable ANTHROPIC_API_KEY is not set; "
+    "set it, or write ${ANTHROPIC_API_KEY:-default} to give a default",
+]
 # admin.token is ${PIUPTIME_ADMIN_TOKEN}: an unset variable is an error (fail closed).
 DESIGN_TOKEN_UNSET = (
     "7:10: admin.token: environment variable PIUPTIME_ADMIN_TOKEN is not set; set it, or write "
@@ -188,14 +190,21 @@ DESIGN_ENV = {
 }
 
 
-@pytest.mark.parametrize("env", [{}, DESIGN_ENV], ids=["env unset", "env set"])
-def test_design_example_reports_exactly_the_unsupported_sections(env: dict[str, str]) -> None:
+def test_design_example_reports_exactly_the_unset_variables() -> None:
     path = EXAMPLES / "design-example.yaml"
     with pytest.raises(ConfigError) as caught:
-        load_config(path, env=env)
-    expected = DESIGN_ISSUES if env else [DESIGN_TOKEN_UNSET, DESIGN_KEY_UNSET, *DESIGN_ISSUES]
+        load_config(path, env={})
+    expected = [DESIGN_TOKEN_UNSET, DESIGN_KEY_UNSET, *DESIGN_LLM_KEYS_UNSET]
     assert [str(issue) for issue in caught.value.errors] == [f"{path}:{line}" for line in expected]
     assert all(issue.file == str(path) for issue in caught.value.errors)
+
+
+def test_design_example_loads_whole_with_its_variables_set() -> None:
+    config = load_config(EXAMPLES / "design-example.yaml", env=DESIGN_ENV)
+    assert config.llm is not None
+    assert config.llm.models["chat"].strategy == "priority"
+    assert [d.provider for d in config.llm.models["chat"].deployments] == ["local", "openai"]
+    assert config.llm.providers["claude"].keys == ["a"]
 
 
 def test_design_example_shapes_fit_the_schema() -> None:
@@ -214,7 +223,7 @@ def test_design_example_shapes_fit_the_schema() -> None:
         "rate_limit",
         "cache",
     }
-    assert config.llm is not None and "providers" in config.llm
+    assert config.llm is not None and "local" in config.llm.providers
 
 
 @pytest.mark.skipif(not DESIGN.exists(), reason="the workspace DESIGN.md is not here")
@@ -436,7 +445,7 @@ def test_many_problems_together_sorted_by_position() -> None:
             match: {path: /b/}
             upstream: app
             rewrite: /{id}
-        llm: {}
+        llm: {providers: {p: {kind: openai}}, models: {m: {deployments: [{provider: q}]}}}
         """
     )
     assert [issue.split(": ")[1] for issue in found] == [
@@ -447,7 +456,7 @@ def test_many_problems_together_sorted_by_position() -> None:
         "routes[0].strip_prefix",
         "routes[1].name",
         "routes[1].rewrite",
-        "llm",
+        "llm.models.m.deployments[0].model",
     ]
     lines = [int(issue.split(":")[1]) for issue in found]
     assert lines == sorted(lines) == [3, 4, 7, 11, 12, 13, 16, 17]
@@ -693,7 +702,8 @@ def test_validate_main_prints_every_issue(monkeypatch: pytest.MonkeyPatch) -> No
     path = str(EXAMPLES / "design-example.yaml")
     assert validate_main(path, out) == 1
     lines = out.getvalue().splitlines()
-    assert len(lines) == len(DESIGN_ISSUES) + 2  # + the unset PIUPTIME_ADMIN_TOKEN, KITCHEN_KEY
+    # the unset PIUPTIME_ADMIN_TOKEN, KITCHEN_KEY, OPENAI_API_KEY and ANTHROPIC_API_KEY
+    assert len(lines) == 2 + len(DESIGN_LLM_KEYS_UNSET)
     assert all(line.startswith(f"{path}:") for line in lines)
 
 
