@@ -134,7 +134,14 @@ def status_document(source: AdminSource, uptime_s: float) -> dict[str, Any]:
             "last_error": reloads.last_error,
         },
         "upstreams": runtime.snapshot()["upstreams"] if runtime is not None else {},
+        "llm": _llm_snapshot(runtime),
     }
+
+
+def _llm_snapshot(runtime: Any) -> dict[str, Any] | None:
+    """Model groups and their deployments' live state, when an ``llm:`` section runs."""
+    llm = runtime.attached.get("llm") if runtime is not None else None
+    return llm.snapshot() if llm is not None else None
 
 
 # -- tokens, context ---------------------------------------------------------------------------

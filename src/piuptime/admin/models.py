@@ -107,6 +107,9 @@ class StatusDocument(_Open):
     routes: int
     reloads: ReloadsInfo
     upstreams: dict[str, UpstreamStatus]
+    # model group -> its deployments' live state (breaker, in flight, TTFT average); null
+    # without an llm: section
+    llm: dict[str, list[dict[str, Any]]] | None = None
 
 
 class RouteMatchInfo(BaseModel):
