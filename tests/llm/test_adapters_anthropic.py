@@ -503,6 +503,30 @@ def test_deployment_params_are_defaults_and_anthropic_params_pass_through() -> N
     }
 
 
+def test_null_params_are_never_sent() -> None:
+    dep = Deployment(
+        provider="claude",
+        model="claude-opus-4-7",
+        params={
+            "temperature": None,
+            "top_p": None,
+            "top_k": None,
+            "stop": None,
+            "max_tokens": 8000,
+        },
+    )
+    body = body_of(
+        adapter(),
+        chat({"role": "user", "content": "x"}, temperature=0.7, top_p=0.5, stop=["END"]),
+        dep,
+    )
+    assert body == {
+        "model": "claude-opus-4-7",
+        "messages": [{"role": "user", "content": "x"}],
+        "max_tokens": 8000,
+    }
+
+
 def test_embeddings_are_refused() -> None:
     a = adapter()
     with pytest.raises(ProviderError) as exc:

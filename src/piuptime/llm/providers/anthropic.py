@@ -28,7 +28,9 @@ Requests (canonical OpenAI chat → Anthropic):
   ``logit_bias`` and ``stream_options`` have no Anthropic counterpart and are dropped.
 - ``deployment.params`` are merged under the client's values; params that are not canonical
   keys (``top_k``, ``thinking``, ``service_tier``, ``output_config``...) are passed to
-  Anthropic as they are, so a deployment can configure Anthropic-only features.
+  Anthropic as they are, so a deployment can configure Anthropic-only features. A param set
+  to null is never sent, even when the client gave it: ``{temperature: null, top_p: null}``
+  for the models that refuse sampling parameters (Claude Opus 4.7 and later answer 400).
 
 Responses: text blocks joined; ``tool_use`` → ``tool_calls`` with the arguments as a JSON
 string; thinking and server-tool blocks are not part of the canonical answer. Stop reasons:
@@ -113,6 +115,8 @@ _CANONICAL_KEYS = frozenset(
         "metadata",
     }
 )
+# canonical key → the Anthropic key it becomes (for params set to null)
+_WIRE_NAMES = {"stop": "stop_sequences", "user": "metadata", "response_format": "output_config"}
 # params keys that are Anthropic's own even though the canonical set has a key of that name
 _PARAM_PASSTHROUGH = frozenset({"service_tier", "metadata"})
 
@@ -449,7 +453,11 @@ class AnthropicAdapter:
             out["output_config"] = config
         if params:
             for key, value in params.items():
-                if (key not in _CANONICAL_KEYS or key in _PARAM_PASSTHROUGH) and key not in out:
+                if value is None:
+                    # a null param: never sent, whatever the client asked (the newest models
+                    # refuse temperature, top_p and top_k with a 400)
+                    out.pop(_WIRE_NAMES.get(key, key), None)
+                elif (key not in _CANONICAL_KEYS or key in _PARAM_PASSTHROUGH) and key not in out:
                     out[key] = value
         if stream:
             out["stream"] = True
