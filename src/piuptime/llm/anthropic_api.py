@@ -205,7 +205,11 @@ def _assistant(content: list[Any], where: str) -> dict[str, Any]:
             continue
         else:
             raise ValueError(f"{at}: content block type {btype!r} is not supported here")
-    msg: dict[str, Any] = {"role": "assistant", "content": "".join(texts) if texts else None}
+    # no text: None beside tool calls, "" alone (a null content alone is refused by OpenAI)
+    msg: dict[str, Any] = {
+        "role": "assistant",
+        "content": "".join(texts) if texts else (None if calls else ""),
+    }
     if calls:
         msg["tool_calls"] = calls
     return msg
@@ -322,8 +326,8 @@ def messages_to_chat(body: Any) -> dict[str, Any]:
     _need(isinstance(model, str) and bool(model), "model: required (a string)")
     max_tokens = body.get("max_tokens")
     _need(
-        isinstance(max_tokens, int) and not isinstance(max_tokens, bool) and max_tokens >= 1,
-        "max_tokens: required (an integer >= 1)",
+        isinstance(max_tokens, int) and not isinstance(max_tokens, bool) and max_tokens >= 0,
+        "max_tokens: required (an integer >= 0)",
     )
     messages = _messages(body.get("messages"))
     system = _system(body.get("system"))
@@ -454,15 +458,17 @@ def chat_to_message(resp: dict[str, Any]) -> dict[str, Any]:
             }
         )
     finish = choice.get("finish_reason") if isinstance(choice, dict) else None
+    stop = STOP_REASONS.get(finish, "end_turn") if isinstance(finish, str) else "end_turn"
+    if stop == "end_turn" and any(b["type"] == "tool_use" for b in content):
+        # some providers say "stop" after tool calls: Anthropic clients run tools on tool_use
+        stop = "tool_use"
     return {
         "id": _message_id(resp.get("id")),
         "type": "message",
         "role": "assistant",
         "model": resp.get("model") or "",
         "content": content,
-        "stop_reason": STOP_REASONS.get(finish, "end_turn")
-        if isinstance(finish, str)
-        else "end_turn",
+        "stop_reason": stop,
         "stop_sequence": None,
         "usage": _usage(resp.get("usage")),
     }
@@ -630,6 +636,9 @@ class MessagesStreamWriter:
         reason = finish_reason or self._finish
         counts = _usage(usage if usage is not None else self._usage)
         stop = STOP_REASONS.get(reason, "end_turn") if reason else "end_turn"
+        if stop == "end_turn" and self._tools:
+            # some providers say "stop" after tool calls: Anthropic clients run tools on tool_use
+            stop = "tool_use"
         delta_usage: dict[str, int] = {"output_tokens": counts["output_tokens"]}
         if usage is not None or self._usage is not None:
             delta_usage["input_tokens"] = counts["input_tokens"]
