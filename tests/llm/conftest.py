@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from tests.llm.fakes import FakeAnthropic, FakeOpenAI
+from tests.llm.fakes import FakeAnthropic, FakeGemini, FakeOllama, FakeOpenAI
 
 
 @pytest.fixture
@@ -26,6 +26,26 @@ async def fake_openai() -> AsyncIterator[FakeOpenAI]:
 @pytest.fixture
 async def fake_anthropic() -> AsyncIterator[FakeAnthropic]:
     fake = FakeAnthropic()
+    await fake.start()
+    try:
+        yield fake
+    finally:
+        await fake.stop()
+
+
+@pytest.fixture
+async def fake_gemini() -> AsyncIterator[FakeGemini]:
+    fake = FakeGemini()
+    await fake.start()
+    try:
+        yield fake
+    finally:
+        await fake.stop()
+
+
+@pytest.fixture
+async def fake_ollama() -> AsyncIterator[FakeOllama]:
+    fake = FakeOllama()
     await fake.start()
     try:
         yield fake

@@ -18,6 +18,8 @@ from tests.llm.fakes import (
     Cut,
     Error,
     FakeAnthropic,
+    FakeGemini,
+    FakeOllama,
     FakeOpenAI,
     Malformed,
     NoEnd,
@@ -526,6 +528,248 @@ async def test_anthropic_no_end_and_usage_false(fake_anthropic: FakeAnthropic) -
         assert events[-1]["type"] == "message_delta"
         assert ("usage" in events[-1]) is usage
         assert ("usage" in events[0]["message"]) is usage
+
+
+# ---------------------------------------------------------------------------------------------
+# Gemini
+
+GEM_BODY = {"contents": [{"role": "user", "parts": [{"text": "Say hello."}]}]}
+
+
+async def test_gemini_generate_content(fake_gemini: FakeGemini) -> None:
+    fake_gemini.keys = ["AIza-good"]
+    url = fake_gemini.base_url + "/v1beta/models/gemini-2.5-flash:generateContent"
+    async with httpx.AsyncClient() as http:
+        r = await http.post(url, headers={"x-goog-api-key": "AIza-good"}, json=GEM_BODY)
+        assert r.status_code == 200
+        body = r.json()
+        cand = body["candidates"][0]
+        assert cand["content"] == {
+            "parts": [{"text": "Hello from gemini-2.5-flash."}],
+            "role": "model",
+        }
+        assert cand["finishReason"] == "STOP"
+        assert body["usageMetadata"]["promptTokenCount"] == 10
+        assert body["usageMetadata"]["candidatesTokenCount"] == 5
+        assert body["usageMetadata"]["totalTokenCount"] == 15
+        assert body["modelVersion"] == "gemini-2.5-flash"
+        # the key may come in the query instead
+        r = await http.post(url, params={"key": "AIza-good"}, json=GEM_BODY)
+        assert r.status_code == 200
+        r = await http.post(url, params={"key": "AIza-bad"}, json=GEM_BODY)
+        assert r.status_code == 400
+        err = r.json()["error"]
+        assert (
+            err["status"] == "INVALID_ARGUMENT" and err["details"][0]["reason"] == "API_KEY_INVALID"
+        )
+        r = await http.post(url, json=GEM_BODY)
+        assert r.status_code == 403 and r.json()["error"]["status"] == "PERMISSION_DENIED"
+    assert fake_gemini.requests[0].model == "gemini-2.5-flash"
+    assert fake_gemini.requests[1].query == {"key": "AIza-good"}
+
+
+async def test_gemini_checks_the_request(fake_gemini: FakeGemini) -> None:
+    url = fake_gemini.base_url + "/v1beta/models/gemini-2.5-flash:generateContent"
+    async with httpx.AsyncClient() as http:
+        r = await http.post(url, json={"model": "x", "messages": MSGS})
+        assert r.status_code == 400
+        assert 'Unknown name "model"' in r.json()["error"]["message"]
+        r = await http.post(
+            url, json={"contents": [{"role": "assistant", "parts": [{"text": "x"}]}]}
+        )
+        assert r.status_code == 400
+        assert r.json()["error"]["message"] == "Please use a valid role: user, model."
+
+
+async def test_gemini_stream_sse(fake_gemini: FakeGemini) -> None:
+    fake_gemini.script(Answer(text="abcdef", pieces=3))
+    url = fake_gemini.base_url + "/v1beta/models/gemini-2.5-pro:streamGenerateContent"
+    async with (
+        httpx.AsyncClient() as http,
+        http.stream("POST", url, params={"alt": "sse"}, json=GEM_BODY) as r,
+    ):
+        assert r.headers["content-type"].startswith("text/event-stream")
+        raw = await r.aread()
+    assert b"\r\n\r\n" in raw and b"[DONE]" not in raw
+    chunks = [json.loads(d) for d in sse_data(raw)]
+    text = "".join(
+        p.get("text", "") for c in chunks for p in c["candidates"][0]["content"]["parts"]
+    )
+    assert text == "abcdef"
+    assert all("finishReason" not in c["candidates"][0] for c in chunks[:-1])
+    assert chunks[-1]["candidates"][0]["finishReason"] == "STOP"
+    assert chunks[-1]["usageMetadata"]["candidatesTokenCount"] == 5
+    assert "candidatesTokenCount" not in chunks[0]["usageMetadata"]
+
+
+async def test_gemini_function_call_and_blocked_prompt(fake_gemini: FakeGemini) -> None:
+    fake_gemini.script(Answer(tool_calls=[WEATHER]), content_policy(), content_policy())
+    base = fake_gemini.base_url + "/v1beta/models/gemini-2.5-flash"
+    async with httpx.AsyncClient() as http:
+        r = await http.post(base + ":generateContent", json=GEM_BODY)
+        parts = r.json()["candidates"][0]["content"]["parts"]
+        assert parts == [{"functionCall": {"name": "get_weather", "args": WEATHER["arguments"]}}]
+        r = await http.post(base + ":generateContent", json=GEM_BODY)
+        assert r.status_code == 200
+        body = r.json()
+        assert body["promptFeedback"]["blockReason"] == "SAFETY" and "candidates" not in body
+        r = await http.post(base + ":streamGenerateContent?alt=sse", json=GEM_BODY)
+        chunks = [json.loads(d) for d in sse_data(r.content)]
+        assert len(chunks) == 1 and chunks[0]["promptFeedback"]["blockReason"] == "SAFETY"
+
+
+async def test_gemini_errors_with_retry_info(fake_gemini: FakeGemini) -> None:
+    fake_gemini.script(rate_limited(retry_after=12), context_length(), overloaded(), server_error())
+    url = fake_gemini.base_url + "/v1beta/models/gemini-2.5-flash:generateContent"
+    async with httpx.AsyncClient() as http:
+        r = await http.post(url, json=GEM_BODY)
+        err = r.json()["error"]
+        assert r.status_code == 429 and err["code"] == 429 and err["status"] == "RESOURCE_EXHAUSTED"
+        retry = [d for d in err["details"] if d["@type"].endswith("google.rpc.RetryInfo")]
+        assert retry == [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "12s"}]
+        r = await http.post(url, json=GEM_BODY)
+        err = r.json()["error"]
+        assert r.status_code == 400 and err["status"] == "INVALID_ARGUMENT"
+        assert "exceeds the maximum number of tokens" in err["message"]
+        r = await http.post(url, json=GEM_BODY)
+        assert r.status_code == 503 and r.json()["error"]["status"] == "UNAVAILABLE"
+        r = await http.post(url, json=GEM_BODY)
+        assert r.status_code == 500 and r.json()["error"]["status"] == "INTERNAL"
+
+
+async def test_gemini_embeddings_and_models(fake_gemini: FakeGemini) -> None:
+    base = fake_gemini.base_url + "/v1beta/models"
+    req = {"model": "models/text-embedding-004", "content": {"parts": [{"text": "a"}]}}
+    async with httpx.AsyncClient() as http:
+        r = await http.post(
+            base + "/text-embedding-004:batchEmbedContents",
+            json={"requests": [req, {**req, "outputDimensionality": 4}]},
+        )
+        embs = r.json()["embeddings"]
+        assert [len(e["values"]) for e in embs] == [8, 4]
+        r = await http.get(base)
+        names = [m["name"] for m in r.json()["models"]]
+    assert names == [f"models/{m}" for m in fake_gemini.models]
+
+
+async def test_gemini_no_end_and_stream_error(fake_gemini: FakeGemini) -> None:
+    fake_gemini.script(NoEnd(), StreamError(after=1, message="bad things"))
+    url = fake_gemini.base_url + "/v1beta/models/g:streamGenerateContent?alt=sse"
+    async with httpx.AsyncClient() as http:
+        r = await http.post(url, json=GEM_BODY)
+        chunks = [json.loads(d) for d in sse_data(r.content)]
+        assert chunks and all("finishReason" not in c["candidates"][0] for c in chunks)
+        r = await http.post(url, json=GEM_BODY)
+        chunks = [json.loads(d) for d in sse_data(r.content)]
+    assert len(chunks) == 2 and chunks[1]["error"]["message"] == "bad things"
+
+
+# ---------------------------------------------------------------------------------------------
+# Ollama
+
+
+async def test_ollama_chat_streams_ndjson_by_default(fake_ollama: FakeOllama) -> None:
+    fake_ollama.script(Answer(text="Hi there", pieces=2, prompt_tokens=26, completion_tokens=3))
+    async with httpx.AsyncClient() as http:
+        r = await http.post(
+            fake_ollama.base_url + "/api/chat", json={"model": "llama3.2", "messages": MSGS}
+        )
+    assert r.headers["content-type"] == "application/x-ndjson"
+    assert r.headers["transfer-encoding"] == "chunked"
+    lines = [json.loads(ln) for ln in r.content.splitlines()]
+    assert [ln["done"] for ln in lines] == [False, False, True]
+    assert "".join(ln["message"]["content"] for ln in lines) == "Hi there"
+    final = lines[-1]
+    assert final["done_reason"] == "stop"
+    assert final["prompt_eval_count"] == 26 and final["eval_count"] == 3
+    for key in ("total_duration", "load_duration", "prompt_eval_duration", "eval_duration"):
+        assert isinstance(final[key], int)
+    assert all(ln["model"] == "llama3.2" and ln["created_at"].endswith("Z") for ln in lines)
+
+
+async def test_ollama_whole_tools_and_usage_false(fake_ollama: FakeOllama) -> None:
+    fake_ollama.script(Answer(tool_calls=[WEATHER]), Answer(usage=False))
+    body = {"model": "llama3.2", "messages": MSGS, "stream": False}
+    async with httpx.AsyncClient() as http:
+        r = await http.post(fake_ollama.base_url + "/api/chat", json=body)
+        msg = r.json()["message"]
+        assert msg["tool_calls"] == [
+            {"function": {"name": "get_weather", "arguments": WEATHER["arguments"]}}
+        ]
+        assert r.json()["done"] is True
+        r = await http.post(fake_ollama.base_url + "/api/chat", json=body)
+        assert r.json()["message"]["content"] == "Hello from llama3.2."
+        assert "prompt_eval_count" not in r.json() and "eval_count" not in r.json()
+
+
+async def test_ollama_embed_tags_errors(fake_ollama: FakeOllama) -> None:
+    fake_ollama.script(Error(404, kind="not_found"), context_length(), StreamError(after=1))
+    base = fake_ollama.base_url
+    async with httpx.AsyncClient() as http:
+        r = await http.post(
+            base + "/api/embed", json={"model": "nomic-embed-text", "input": ["a", "b"]}
+        )
+        assert r.status_code == 404
+        assert r.json() == {"error": 'model "nomic-embed-text" not found, try pulling it first'}
+        r = await http.post(base + "/api/chat", json={"model": "m", "messages": MSGS})
+        assert r.status_code == 400 and "context length" in r.json()["error"]
+        r = await http.post(base + "/api/chat", json={"model": "m", "messages": MSGS})
+        lines = [json.loads(ln) for ln in r.content.splitlines()]
+        assert lines[0]["done"] is False and "error" in lines[1]
+        r = await http.post(base + "/api/embed", json={"model": "nomic-embed-text", "input": "a"})
+        assert len(r.json()["embeddings"]) == 1 and len(r.json()["embeddings"][0]) == 8
+        r = await http.get(base + "/api/tags")
+        assert [m["name"] for m in r.json()["models"]] == fake_ollama.models
+        fake_ollama.keys = ["k"]
+        r = await http.get(base + "/api/tags")
+        assert r.status_code == 401 and r.json() == {"error": "unauthorized"}
+        r = await http.get(base + "/api/tags", headers={"authorization": "Bearer k"})
+        assert r.status_code == 200
+
+
+async def test_ollama_no_end(fake_ollama: FakeOllama) -> None:
+    fake_ollama.script(NoEnd())
+    async with httpx.AsyncClient() as http:
+        r = await http.post(
+            fake_ollama.base_url + "/api/chat", json={"model": "m", "messages": MSGS}
+        )
+    lines = [json.loads(ln) for ln in r.content.splitlines()]
+    assert lines and not any(ln["done"] for ln in lines)
+
+
+@pytest.mark.parametrize("which", ["anthropic", "gemini", "ollama"])
+async def test_misbehaviour_in_every_protocol(
+    which: str, fake_anthropic: FakeAnthropic, fake_gemini: FakeGemini, fake_ollama: FakeOllama
+) -> None:
+    fake, url, body, headers = {
+        "anthropic": (
+            fake_anthropic,
+            "/v1/messages",
+            {"model": "c", "max_tokens": 9, "messages": MSGS, "stream": True},
+            {"anthropic-version": "2023-06-01"},
+        ),
+        "gemini": (fake_gemini, "/v1beta/models/g:streamGenerateContent?alt=sse", GEM_BODY, {}),
+        "ollama": (fake_ollama, "/api/chat", {"model": "m", "messages": MSGS}, {}),
+    }[which]
+    fake.script(Cut(after=2), Silent(), Reset(), Malformed(at=1))
+    async with httpx.AsyncClient(timeout=httpx.Timeout(2.0, read=0.2)) as http:
+        with pytest.raises(httpx.RemoteProtocolError):
+            await http.post(fake.base_url + url, json=body, headers=headers)
+        with pytest.raises(httpx.ReadTimeout):
+            await http.post(fake.base_url + url, json=body, headers=headers)
+        with pytest.raises((httpx.ReadError, httpx.RemoteProtocolError)):
+            await http.post(fake.base_url + url, json=body, headers=headers)
+        r = await http.post(fake.base_url + url, json=body, headers=headers)
+    assert r.status_code == 200
+    items = sse_data(r.content) if which != "ollama" else r.content.decode().splitlines()
+    bad = []
+    for i, item in enumerate(items):
+        try:
+            json.loads(item)
+        except ValueError:
+            bad.append(i)
+    assert bad == [1]
+    await wait_until(lambda: fake.connections == 0, 2, "every connection closed")
 
 
 # ---------------------------------------------------------------------------------------------

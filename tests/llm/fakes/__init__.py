@@ -27,6 +27,8 @@ from .base import (
     server_error,
     unauthorized,
 )
+from .gemini_fake import FakeGemini
+from .ollama_fake import FakeOllama
 from .openai_fake import FakeOpenAI
 
 __all__ = [
@@ -35,6 +37,8 @@ __all__ = [
     "Cut",
     "Error",
     "FakeAnthropic",
+    "FakeGemini",
+    "FakeOllama",
     "FakeOpenAI",
     "FakeServer",
     "Malformed",
