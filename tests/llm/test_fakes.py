@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from typing import Any
 
 import anthropic
 import httpx2 as httpx
@@ -36,8 +37,8 @@ from tests.llm.fakes import (
 )
 from tests.support import wait_until
 
-MSGS = [{"role": "user", "content": "Say hello."}]
-WEATHER = {"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}
+MSGS: Any = [{"role": "user", "content": "Say hello."}]
+WEATHER: Any = {"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}
 
 
 def sse_data(raw: bytes) -> list[str]:
@@ -58,6 +59,11 @@ RAW_CHAT = (
 )
 
 
+def err_body(e: Any) -> Any:
+    """An SDK error's parsed body."""
+    return e.body
+
+
 def oai(fake: FakeOpenAI, key: str = "sk-test") -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=fake.base_url, api_key=key, max_retries=0, timeout=5)
 
@@ -68,7 +74,7 @@ def oai(fake: FakeOpenAI, key: str = "sk-test") -> openai.AsyncOpenAI:
 
 async def test_openai_chat_whole(fake_openai: FakeOpenAI) -> None:
     async with oai(fake_openai) as client:
-        r = await client.chat.completions.create(model="gpt-4o-mini", messages=MSGS)  # type: ignore[arg-type]
+        r = await client.chat.completions.create(model="gpt-4o-mini", messages=MSGS)
     assert r.object == "chat.completion"
     assert r.model == "gpt-4o-mini"
     assert r.choices[0].message.content == "Hello from gpt-4o-mini."
@@ -86,7 +92,7 @@ async def test_openai_stream_include_usage(fake_openai: FakeOpenAI) -> None:
     async with oai(fake_openai) as client:
         stream = await client.chat.completions.create(
             model="gpt-4o",
-            messages=MSGS,  # type: ignore[arg-type]
+            messages=MSGS,
             stream=True,
             stream_options={"include_usage": True},
         )
@@ -119,7 +125,7 @@ async def test_openai_stream_without_include_usage_has_no_usage(fake_openai: Fak
 
 
 async def test_openai_tool_calls_stream_and_whole(fake_openai: FakeOpenAI) -> None:
-    tools = [
+    tools: Any = [
         {
             "type": "function",
             "function": {
@@ -130,23 +136,24 @@ async def test_openai_tool_calls_stream_and_whole(fake_openai: FakeOpenAI) -> No
     ]
     fake_openai.script(Answer(tool_calls=[WEATHER]), Answer(tool_calls=[WEATHER], pieces=4))
     async with oai(fake_openai) as client:
-        r = await client.chat.completions.create(model="m", messages=MSGS, tools=tools)  # type: ignore[arg-type]
+        r = await client.chat.completions.create(model="m", messages=MSGS, tools=tools)
         assert r.choices[0].finish_reason == "tool_calls"
         assert r.choices[0].message.content is None
-        tc = r.choices[0].message.tool_calls[0]  # type: ignore[index]
-        assert tc.function.name == "get_weather"  # type: ignore[union-attr]
-        assert json.loads(tc.function.arguments) == WEATHER["arguments"]  # type: ignore[union-attr]
+        tool_calls: Any = r.choices[0].message.tool_calls
+        tc = tool_calls[0]
+        assert tc.function.name == "get_weather"
+        assert json.loads(tc.function.arguments) == WEATHER["arguments"]
 
         async with client.chat.completions.stream(
             model="m",
-            messages=MSGS,  # type: ignore[arg-type]
-            tools=tools,  # type: ignore[arg-type]
+            messages=MSGS,
+            tools=tools,
         ) as s:
             final = await s.get_final_completion()
     msg = final.choices[0].message
     assert final.choices[0].finish_reason == "tool_calls"
-    assert msg.tool_calls and msg.tool_calls[0].function.name == "get_weather"  # type: ignore[union-attr]
-    assert json.loads(msg.tool_calls[0].function.arguments) == WEATHER["arguments"]  # type: ignore[union-attr]
+    assert msg.tool_calls and msg.tool_calls[0].function.name == "get_weather"
+    assert json.loads(msg.tool_calls[0].function.arguments) == WEATHER["arguments"]
     assert msg.tool_calls[0].id.startswith("call_")
     # the arguments really came in pieces, after a first delta with id/type/name
     assert fake_openai.requests[1].json["stream"] is True
@@ -157,13 +164,13 @@ async def test_openai_response_format_echoes_json(fake_openai: FakeOpenAI) -> No
     async with oai(fake_openai) as client:
         r = await client.chat.completions.create(
             model="m",
-            messages=MSGS,  # type: ignore[arg-type]
+            messages=MSGS,
             response_format={"type": "json_object"},
         )
         assert json.loads(r.choices[0].message.content or "") == {"city": "Paris"}
         r = await client.chat.completions.create(
             model="m",
-            messages=MSGS,  # type: ignore[arg-type]
+            messages=MSGS,
             response_format={"type": "json_object"},
         )
         assert json.loads(r.choices[0].message.content or "") == {"message": "Hello from m."}
@@ -172,11 +179,11 @@ async def test_openai_response_format_echoes_json(fake_openai: FakeOpenAI) -> No
 async def test_openai_usage_false_omits_usage(fake_openai: FakeOpenAI) -> None:
     fake_openai.script(Answer(usage=False), Answer(usage=False))
     async with oai(fake_openai) as client:
-        r = await client.chat.completions.create(model="m", messages=MSGS)  # type: ignore[arg-type]
+        r = await client.chat.completions.create(model="m", messages=MSGS)
         assert r.usage is None
         stream = await client.chat.completions.create(
             model="m",
-            messages=MSGS,  # type: ignore[arg-type]
+            messages=MSGS,
             stream=True,
             stream_options={"include_usage": True},
         )
@@ -203,14 +210,14 @@ async def test_openai_keys_required(fake_openai: FakeOpenAI) -> None:
     fake_openai.keys = ["sk-good"]
     async with oai(fake_openai, key="sk-badbadbad") as client:
         with pytest.raises(openai.AuthenticationError) as ei:
-            await client.chat.completions.create(model="m", messages=MSGS)  # type: ignore[arg-type]
+            await client.chat.completions.create(model="m", messages=MSGS)
     assert ei.value.status_code == 401
     assert ei.value.code == "invalid_api_key"
     body = ei.value.body
     assert isinstance(body, dict) and body["type"] == "invalid_request_error"
     assert body["param"] is None
     async with oai(fake_openai, key="sk-good") as client:
-        r = await client.chat.completions.create(model="m", messages=MSGS)  # type: ignore[arg-type]
+        r = await client.chat.completions.create(model="m", messages=MSGS)
     assert r.choices[0].message.content == "Hello from m."
 
 
@@ -229,7 +236,7 @@ async def test_openai_errors(fake_openai: FakeOpenAI) -> None:
 
         async def fail() -> openai.APIStatusError:
             with pytest.raises(openai.APIStatusError) as ei:
-                await client.chat.completions.create(model="m", messages=MSGS)  # type: ignore[arg-type]
+                await client.chat.completions.create(model="m", messages=MSGS)
             return ei.value
 
         e = await fail()
@@ -256,7 +263,7 @@ async def test_openai_errors(fake_openai: FakeOpenAI) -> None:
         e = await fail()
         assert e.status_code == 418 and e.response.headers["x-extra"] == "1"
         # the script is used up: the default answer again
-        r = await client.chat.completions.create(model="m", messages=MSGS)  # type: ignore[arg-type]
+        r = await client.chat.completions.create(model="m", messages=MSGS)
         assert r.choices[0].message.content == "Hello from m."
     assert fake_openai.pending == 0
 
@@ -264,7 +271,7 @@ async def test_openai_errors(fake_openai: FakeOpenAI) -> None:
 async def test_openai_stream_error_event(fake_openai: FakeOpenAI) -> None:
     fake_openai.script(StreamError(after=2, message="boom"))
     async with oai(fake_openai) as client:
-        stream = await client.chat.completions.create(model="m", messages=MSGS, stream=True)  # type: ignore[arg-type]
+        stream = await client.chat.completions.create(model="m", messages=MSGS, stream=True)
         got = []
         with pytest.raises(openai.APIError, match="boom"):
             async for c in stream:
@@ -338,7 +345,7 @@ async def test_anthropic_message_whole(fake_anthropic: FakeAnthropic) -> None:
             model="claude-haiku-4-5",
             max_tokens=100,
             system="Be brief.",
-            messages=MSGS,  # type: ignore[arg-type]
+            messages=MSGS,
         )
     assert m.type == "message" and m.role == "assistant"
     assert m.model == "claude-haiku-4-5"
@@ -359,12 +366,13 @@ async def test_anthropic_stream_every_event_type(fake_anthropic: FakeAnthropic) 
         client.messages.stream(
             model="claude-sonnet-4-5",
             max_tokens=100,
-            messages=MSGS,  # type: ignore[arg-type]
+            messages=MSGS,
         ) as stream,
     ):
         types = [event.type async for event in stream]
         final = await stream.get_final_message()
-    assert final.content[0].text == "Hi there, friend"  # type: ignore[union-attr]
+    block: Any = final.content[0]
+    assert block.text == "Hi there, friend"
     assert final.stop_reason == "end_turn"
     assert final.usage.output_tokens == 4 and final.usage.input_tokens == 10
     assert types[0] == "message_start" and types[-1] == "message_stop"
@@ -408,21 +416,21 @@ async def test_anthropic_stream_wire_order(fake_anthropic: FakeAnthropic) -> Non
 
 async def test_anthropic_tool_use_stream_final_message(fake_anthropic: FakeAnthropic) -> None:
     fake_anthropic.script(Answer(tool_calls=[WEATHER]), Answer(tool_calls=[WEATHER]))
-    tools = [{"name": "get_weather", "input_schema": {"type": "object"}}]
+    tools: Any = [{"name": "get_weather", "input_schema": {"type": "object"}}]
     async with ant(fake_anthropic) as client:
         m = await client.messages.create(
             model="c",
             max_tokens=100,
-            messages=MSGS,  # type: ignore[arg-type]
-            tools=tools,  # type: ignore[arg-type]
+            messages=MSGS,
+            tools=tools,
         )
         assert m.stop_reason == "tool_use"
         assert m.content[0].type == "tool_use" and m.content[0].input == WEATHER["arguments"]
         async with client.messages.stream(
             model="c",
             max_tokens=100,
-            messages=MSGS,  # type: ignore[arg-type]
-            tools=tools,  # type: ignore[arg-type]
+            messages=MSGS,
+            tools=tools,
         ) as stream:
             final = await stream.get_final_message()
     block = final.content[0]
@@ -443,13 +451,13 @@ async def test_anthropic_errors(fake_anthropic: FakeAnthropic) -> None:
 
         async def fail() -> anthropic.APIStatusError:
             with pytest.raises(anthropic.APIStatusError) as ei:
-                await client.messages.create(model="c", max_tokens=10, messages=MSGS)  # type: ignore[arg-type]
+                await client.messages.create(model="c", max_tokens=10, messages=MSGS)
             return ei.value
 
         e = await fail()
         assert e.status_code == 529
-        assert e.body["error"]["type"] == "overloaded_error"  # type: ignore[index]
-        assert e.body["type"] == "error"  # type: ignore[index]
+        assert err_body(e)["error"]["type"] == "overloaded_error"
+        assert err_body(e)["type"] == "error"
         e = await fail()
         assert isinstance(e, anthropic.RateLimitError)
         assert e.response.headers["retry-after"] == "3"
@@ -457,10 +465,10 @@ async def test_anthropic_errors(fake_anthropic: FakeAnthropic) -> None:
         assert e.response.headers["anthropic-ratelimit-requests-reset"].endswith("Z")
         e = await fail()
         assert isinstance(e, anthropic.BadRequestError)
-        assert e.body["error"]["message"].startswith("prompt is too long")  # type: ignore[index]
+        assert err_body(e)["error"]["message"].startswith("prompt is too long")
         e = await fail()
         assert isinstance(e, anthropic.InternalServerError)
-        assert e.body["error"]["type"] == "api_error"  # type: ignore[index]
+        assert err_body(e)["error"]["type"] == "api_error"
         e = await fail()
         assert isinstance(e, anthropic.BadRequestError)
 
@@ -469,8 +477,8 @@ async def test_anthropic_checks_headers_and_body(fake_anthropic: FakeAnthropic) 
     fake_anthropic.keys = ["sk-ant-good"]
     async with ant(fake_anthropic, key="sk-ant-bad") as client:
         with pytest.raises(anthropic.AuthenticationError) as ei:
-            await client.messages.create(model="c", max_tokens=10, messages=MSGS)  # type: ignore[arg-type]
-    assert ei.value.body["error"] == {  # type: ignore[index]
+            await client.messages.create(model="c", max_tokens=10, messages=MSGS)
+    assert err_body(ei.value)["error"] == {
         "type": "authentication_error",
         "message": "invalid x-api-key",
     }
@@ -503,7 +511,7 @@ async def test_anthropic_error_event_mid_stream(fake_anthropic: FakeAnthropic) -
             async with client.messages.stream(
                 model="c",
                 max_tokens=10,
-                messages=MSGS,  # type: ignore[arg-type]
+                messages=MSGS,
             ) as stream:
                 async for event in stream:
                     got.append(event.type)
@@ -933,3 +941,19 @@ async def test_requests_recorded_with_arrival_time(fake_openai: FakeOpenAI) -> N
     assert seen.method == "GET" and seen.path == "/v1/models" and seen.query == {"limit": "2"}
     assert seen.headers["x-custom"] == "A" and seen.json is None
     assert t0 <= seen.at <= time.monotonic()
+
+
+async def test_script_ops_and_default(fake_openai: FakeOpenAI) -> None:
+    fake_openai.script_ops = {"chat"}
+    fake_openai.script(server_error())
+    fake_openai.default = overloaded()
+    async with httpx.AsyncClient() as http:
+        r = await http.get(fake_openai.base_url + "/models")
+        assert r.status_code == 503  # not scripted: the default
+        assert fake_openai.pending == 1
+        body = {"model": "m", "messages": MSGS}
+        r = await http.post(fake_openai.base_url + "/chat/completions", json=body)
+        assert r.status_code == 500
+        r = await http.post(fake_openai.base_url + "/chat/completions", json=body)
+        assert r.status_code == 503
+    assert [type(s.behaviour).__name__ for s in fake_openai.requests] == ["Error"] * 3

@@ -228,7 +228,7 @@ class FakeAnthropic(FakeServer):
         ping = _event("ping", {"type": "ping"})
         for index, block in enumerate(blocks):
             if block["type"] == "text":
-                first = {"type": "text", "text": ""}
+                first: dict[str, Any] = {"type": "text", "text": ""}
                 deltas = [
                     {"type": "text_delta", "text": piece}
                     for piece in split_pieces(block["text"], answer.pieces)

@@ -401,8 +401,10 @@ class _Conn:
 class FakeServer:
     """The shared core: ``await start()`` / ``await stop()``, ``port``, ``base_url``, ``keys``,
     ``models``, ``requests`` (every ``Seen``), ``script(*behaviours)`` (FIFO; when empty,
-    ``default``, which is ``Answer()``), ``connections`` (open now) and ``opened`` (accepted in
-    all)."""
+    ``default``, which is ``Answer()``), ``script_ops`` (None, or the ops whose requests take
+    scripted behaviours: chat, embed, models...), ``connections`` (open now) and ``opened``
+    (accepted in all). Auth failures, request-validation errors and unknown paths are answered
+    before the script and never consume a behaviour."""
 
     name = "fake"
     base_path = ""
@@ -413,6 +415,8 @@ class FakeServer:
         self.models: list[str] = list(models or self.default_models)
         self.requests: list[Seen] = []
         self.default: Behaviour = Answer()
+        #: the ops that take scripted behaviours (None: all); the others get ``default``
+        self.script_ops: set[str] | None = None
         self.opened = 0
         self.port = 0
         self._queue: deque[Behaviour] = deque()
@@ -533,7 +537,10 @@ class FakeServer:
             await self._send_whole(conn, routed)
             return True
         call = routed
-        behaviour = self._queue.popleft() if self._queue else self.default
+        if self.script_ops is not None and call.op not in self.script_ops:
+            behaviour: Behaviour = self.default
+        else:
+            behaviour = self._queue.popleft() if self._queue else self.default
         seen.behaviour = behaviour
         if isinstance(behaviour, Answer):
             return await self._play(conn, call, self.render_answer(call, behaviour), behaviour)
