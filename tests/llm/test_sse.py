@@ -113,7 +113,14 @@ def test_sse_any_split_same_events(cuts: list[int]) -> None:
     st.lists(
         st.tuples(
             st.sampled_from(["", "message_start", "content_block_delta"]),
-            st.lists(st.text(alphabet=st.characters(blacklist_characters="\r\n")), max_size=3),
+            st.lists(
+                st.text(
+                    alphabet=st.characters(
+                        blacklist_categories=("Cs",), blacklist_characters="\r\n"
+                    )
+                ),
+                max_size=3,
+            ),
         ),
         max_size=8,
     ),
