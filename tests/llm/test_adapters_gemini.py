@@ -331,6 +331,39 @@ def test_deployment_params() -> None:
     assert out["safetySettings"][0]["threshold"] == "BLOCK_ONLY_HIGH"
 
 
+def test_pdf_file_part_and_empty_assistant_turn() -> None:
+    body = chat(
+        [
+            {
+                "role": "user",
+                "content": [
+                    {
+                        "type": "file",
+                        "file": {
+                            "file_data": "data:application/pdf;base64,JVBERi0=",
+                            "filename": "a.pdf",
+                        },
+                    },
+                    {"type": "text", "text": "Summarise"},
+                ],
+            },
+            {"role": "assistant", "content": None},
+            {"role": "user", "content": "Go on"},
+        ]
+    )
+    contents = sent(adapter().chat_request(body, DEP, False, None))["contents"]
+    assert contents == [
+        {
+            "role": "user",
+            "parts": [
+                {"inlineData": {"mimeType": "application/pdf", "data": "JVBERi0="}},
+                {"text": "Summarise"},
+                {"text": "Go on"},
+            ],
+        }
+    ]
+
+
 def test_input_audio_part() -> None:
     body = chat(
         [

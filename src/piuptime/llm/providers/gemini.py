@@ -503,6 +503,13 @@ def _media_part(part: dict[str, Any]) -> dict[str, Any]:
             fmt = audio.get("format") or "wav"
             return {"inlineData": {"mimeType": f"audio/{fmt}", "data": audio["data"]}}
         raise bad_request("an input_audio part needs data and format")
+    if kind == "file":
+        file = part.get("file")
+        data = file.get("file_data") if isinstance(file, dict) else None
+        inline = split_data_url(data) if isinstance(data, str) else None
+        if inline is None:
+            raise bad_request("a file part needs file_data as a base64 data: URL")
+        return {"inlineData": {"mimeType": inline[0], "data": inline[1]}}
     raise bad_request(f"Gemini does not take {kind!r} content parts")
 
 
@@ -554,7 +561,7 @@ def _contents(messages: Any) -> tuple[list[dict[str, Any]], list[str]]:
                 for call in calls:
                     parts.append(_function_call(call, names))
             if not parts:
-                parts = [{"text": ""}]
+                continue  # an empty assistant turn: Gemini refuses a content without parts
         elif role == "tool":
             gemini_role = "user"
             tid = msg.get("tool_call_id")
