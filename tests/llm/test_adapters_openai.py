@@ -438,6 +438,17 @@ def test_stream_tool_call_argument_deltas() -> None:
     assert decoder.text_out() == 'get_weather{"city":"Paris"}get_time{}'
 
 
+def test_stream_refusal_and_reasoning_count_as_output() -> None:
+    data = sse(
+        chunk({"role": "assistant", "reasoning_content": "hmm "}),
+        chunk({"refusal": "I can't help with that."}),
+        chunk({}, "stop"),
+        b"[DONE]",
+    )
+    decoder, _ = decode(data)
+    assert decoder.text_out() == "hmm I can't help with that."
+
+
 def test_stream_usage_on_the_last_content_chunk() -> None:
     # some compatible servers put usage on the finishing chunk instead of a chunk of its own
     data = sse(

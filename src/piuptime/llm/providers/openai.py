@@ -526,9 +526,10 @@ class OpenAIStreamDecoder:
                     content = delta.get("content")
                     if content:
                         text.append(content)
-                    reasoning = delta.get("reasoning_content")
-                    if reasoning:
-                        text.append(reasoning)
+                    for extra in ("reasoning_content", "refusal"):
+                        value = delta.get(extra)
+                        if value and isinstance(value, str):
+                            text.append(value)
                     calls = delta.get("tool_calls")
                     if calls:
                         for call in calls:
