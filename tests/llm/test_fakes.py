@@ -837,7 +837,7 @@ async def test_stall_stream_times_out_and_is_released(fake_openai: FakeOpenAI) -
     got = bytearray()
     with pytest.raises(httpx.ReadTimeout):
         async with (
-            httpx.AsyncClient(timeout=httpx.Timeout(2.0, read=0.2)) as http,
+            httpx.AsyncClient(timeout=httpx.Timeout(2.0, read=0.3)) as http,
             http.stream(
                 "POST",
                 fake_openai.base_url + "/chat/completions",

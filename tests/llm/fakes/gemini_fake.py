@@ -142,7 +142,11 @@ class FakeGemini(FakeServer):
         if not isinstance(contents, list) or not contents:
             return "* GenerateContentRequest.contents: contents is not specified\n"
         for c in contents:
-            if not isinstance(c, dict) or c.get("role", "user") not in ("user", "model"):
+            if not isinstance(c, dict) or c.get("role", "user") not in (
+                "user",
+                "model",
+                "function",
+            ):
                 return "Please use a valid role: user, model."
             if not c.get("parts"):
                 return (
