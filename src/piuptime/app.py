@@ -502,7 +502,10 @@ def _summary(config: Config) -> str:
     def n(count: int, word: str) -> str:
         return f"{count} {word}{'' if count == 1 else 's'}"
 
-    return f"{n(len(config.routes), 'route')}, {n(len(config.upstreams), 'upstream')}"
+    text = f"{n(len(config.routes), 'route')}, {n(len(config.upstreams), 'upstream')}"
+    if config.llm is not None:
+        text += f", {n(len(config.llm.models), 'model group')}"
+    return text
 
 
 def _file_signature(path: Path | None) -> tuple[int, int, int] | None:

@@ -685,7 +685,7 @@ def test_validate_main_ok() -> None:
     out = io.StringIO()
     path = str(EXAMPLES / "piuptime.yaml")
     assert validate_main(path, out) == 0
-    assert out.getvalue() == f"{path}: OK (3 routes, 2 upstreams)\n"
+    assert out.getvalue() == f"{path}: OK (3 routes, 2 upstreams, 2 model groups)\n"
 
 
 def test_validate_main_singular(tmp_path: Path) -> None:

@@ -613,5 +613,8 @@ def validate_main(path: str, out: TextIO) -> int:
         return 1
     routes = _plural(len(config.routes), "route")
     upstreams = _plural(len(config.upstreams), "upstream")
-    print(f"{path}: OK ({routes}, {upstreams})", file=out)
+    llm = ""
+    if config.llm is not None:
+        llm = f", {_plural(len(config.llm.models), 'model group')}"
+    print(f"{path}: OK ({routes}, {upstreams}{llm})", file=out)
     return 0
