@@ -208,7 +208,9 @@ def ensure_litellm(venv: Path, version: str) -> Path:
     uv = need("uv", "https://docs.astral.sh/uv/ (it runs this project)")
     print(f"installing litellm[proxy]=={version} into {venv} ...", file=sys.stderr, flush=True)
     venv.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run([uv, "venv", "-q", "--allow-existing", "-p", "3.11", str(venv)], check=True)
+    subprocess.run(
+        [uv, "venv", "-q", "--allow-existing", "-p", sys.executable, str(venv)], check=True
+    )
     subprocess.run(
         [uv, "pip", "install", "-q", "-p", str(python), f"litellm[proxy]=={version}"],
         check=True,
@@ -436,6 +438,7 @@ def sequential(port: int, body: bytes, n: int, warmup: int = 20) -> Sequential:
 class Target:
     name: str
     rss_mb: float = float("nan")
+    rss_after_mb: float = float("nan")
     rps: WrkResult | None = None
     one: WrkResult | None = None  # one connection
     plain: Sequential | None = None
@@ -494,7 +497,8 @@ def report(direct: Target, targets: dict[str, Target], args: argparse.Namespace)
     )
     head = (
         f"{'':<22} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} {'1-conn p50':>11} "
-        f"{'overhead':>9} {'TTFT p50':>9} {'TTFT ovh':>9} {'own hdr':>8} {'idle RSS':>9}"
+        f"{'overhead':>9} {'TTFT p50':>9} {'TTFT ovh':>9} {'own hdr':>8} {'idle RSS':>9} "
+        f"{'RSS after':>10}"
     )
     print(head)
     d_one = direct.one.p50_ms if direct.one else float("nan")
@@ -514,12 +518,13 @@ def report(direct: Target, targets: dict[str, Target], args: argparse.Namespace)
         print(
             f"{name:<22} {t.rps.rps:>10,.0f} {t.rps.p50_ms:>8.3f} {t.rps.p99_ms:>8.3f} "
             f"{t.rps.errors:>7} {one:>11.3f} {_fmt(ovh):>9} {ttft:>9.3f} {_fmt(ttft_ovh):>9} "
-            f"{_fmt(own):>8} {_fmt(t.rss_mb, '.1f'):>7} MB"
+            f"{_fmt(own):>8} {_fmt(t.rss_mb, '.1f'):>6} MB {_fmt(t.rss_after_mb, '.1f'):>7} MB"
         )
     print(
         "  overhead = 1-connection p50 minus the upstream's; TTFT ovh = streaming time to first "
         "content minus the upstream's; own hdr = p50 of the gateway's own overhead header "
-        "(x-piuptime-overhead-ms / x-litellm-overhead-duration-ms)"
+        "(x-piuptime-overhead-ms / x-litellm-overhead-duration-ms); RSS after = at the end of "
+        "the measurements"
     )
     pi, ll = targets.get("piuptime"), targets.get("litellm")
     ok = True
@@ -596,14 +601,14 @@ def main() -> int:
                 with piuptime_gateway(up, args.proxy_cpu) as (port, proc):
                     rss = settle_rss(proc.pid, args.idle)
                     t = measure("piuptime", port, args, script)
-                    t.rss_mb = rss
+                    t.rss_mb, t.rss_after_mb = rss, tree_rss_mb(proc.pid)
             targets["piuptime"] = t
         if args.only != "piuptime":
             assert binary is not None
             with litellm(binary, up, args.proxy_cpu) as (port, proc):
                 rss = settle_rss(proc.pid, args.idle)
                 t = measure("litellm", port, args, script)
-                t.rss_mb = rss
+                t.rss_mb, t.rss_after_mb = rss, tree_rss_mb(proc.pid)
             targets["litellm"] = t
     if args.only is None:
         print(f"\nlitellm[proxy]=={args.litellm_version} from {args.litellm_venv}")
