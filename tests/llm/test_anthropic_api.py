@@ -1026,7 +1026,11 @@ _piece = st.one_of(
     st.tuples(st.just("text"), st.text(min_size=1, max_size=12)),
     st.tuples(
         st.just("tool"),
-        st.dictionaries(st.text(max_size=5), st.integers() | st.text(max_size=5), max_size=3),
+        st.dictionaries(
+            st.text(max_size=5),
+            st.integers(min_value=-(2**63), max_value=2**63 - 1) | st.text(max_size=5),
+            max_size=3,
+        ),
     ),
 )
 

@@ -145,10 +145,6 @@ def test_sse_generated_streams(
     assert sse_all(wire, cuts) == expected
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="SSEReader.close drops a held CR that ended the stream's last (blank) line",
-)
 def test_sse_cr_as_last_byte_ends_the_event() -> None:
     assert sse_all(b"data: a\r\r") == [("", "a")]
 

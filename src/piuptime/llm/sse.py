@@ -57,8 +57,11 @@ class SSEReader:
         """The body ended: a last line without its line break still counts; an event without
         the blank line that ends it is dropped, as the standard says."""
         out: list[tuple[str, str]] = []
-        if self._buf and self._buf != b"\r":
-            self._line(self._buf, out)
+        buf = self._buf
+        if buf.endswith(b"\r"):  # a CR-terminated line (a blank one dispatches the event)
+            self._line(buf[:-1], out)
+        elif buf:
+            self._line(buf, out)
         self._buf = b""
         return out
 
