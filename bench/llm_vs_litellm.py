@@ -410,9 +410,15 @@ async def _sequential(port: int, body: bytes, n: int, warmup: int) -> Sequential
         f"content-length: {len(body)}\r\n\r\n"
     ).encode() + body
     result = Sequential()
+    stream = body == STREAM_BODY
     try:
         for i in range(warmup + n):
             ttft, total, headers = await client.request(raw)
+            if i == 0:  # the answer is the upstream's, not an error or an empty stream
+                if stream and not ttft:
+                    raise RuntimeError(f"port {port}: a stream without any content event")
+                if not stream and b"Hello there!" not in client.buf:
+                    raise RuntimeError(f"port {port}: unexpected answer {client.buf[:300]!r}")
             if i < warmup:
                 continue
             result.ttft_ms.append(ttft * 1000)
