@@ -288,3 +288,51 @@ async def test_response_format_and_params_reach_the_provider(fake_openai: FakeOp
         assert sent["response_format"] == {"type": "json_object"}
         assert sent["temperature"] == 0.9 and sent["seed"] == 7  # the client's value wins
         await c.close()
+
+
+async def test_tokens_and_cost_by_consumer_in_metrics_and_the_access_log(
+    fake_openai: FakeOpenAI,
+) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    fake_openai.script(Answer(prompt_tokens=30, completion_tokens=20))
+    config = llm_yaml(
+        {"p": f'{{kind: openai, base_url: "{fake_openai.base_url}"}}'},
+        "    chat:\n      deployments:\n        - {provider: p, model: m}\n",
+        routes="  routes:\n    - {path: /v1/, plugins: {key_auth: {}}}",
+        extra="  prices: {m: {input: 1.0, output: 2.0}}\n"
+        "consumers:\n  kitchen: {keys: [sk-kitchen]}",
+    )
+    async with gateway(config) as (app, port):
+        entries: list[dict[str, Any]] = []
+        app.handler.observers = (*app.handler.observers, entries.append)
+        c = openai.AsyncOpenAI(
+            base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-kitchen", max_retries=0
+        )
+        await c.chat.completions.create(model="chat", messages=MSG)
+        stream = await c.chat.completions.create(model="chat", messages=MSG, stream=True)
+        async for _ in stream:
+            pass
+        await c.close()
+        text = app.metrics.render()
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+    def value(name: str, **labels: str) -> float:
+        return sum(
+            v for (n, ls), v in samples.items() if n == name and set(labels.items()) <= set(ls)
+        )
+
+    assert value("piuptime_llm_tokens_total", consumer="kitchen", type="prompt") == 30 + 10
+    assert value("piuptime_llm_tokens_total", consumer="kitchen", type="completion") == 20 + 5
+    assert value("piuptime_llm_cost_usd_total", consumer="kitchen") == pytest.approx(
+        (40 * 1.0 + 25 * 2.0) / 1e6
+    )
+    assert value("piuptime_llm_requests_total", model="chat", status="ok") == 2
+    assert value("piuptime_llm_ttft_seconds_count", model="chat") == 2
+    assert [e["consumer"] for e in entries] == ["kitchen", "kitchen"]
+    assert entries[0]["llm_model"] == "chat" and entries[0]["llm_deployment"] == "p/m"
+    assert entries[1]["usage_source"] == "provider" and entries[1]["ttft_ms"] > 0
