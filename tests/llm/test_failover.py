@@ -511,3 +511,70 @@ async def test_the_model_that_answered_is_named_and_billed(
         assert metric(app, "llm_tokens", deployment="a/model-a") == 0
         assert metric(app, "llm_cost_usd", deployment="a/model-a") == 0
         await c.close()
+
+
+# -- carrying a broken stream on ---------------------------------------------------------------
+
+
+def _continuing(a: FakeOpenAI, b_kind: str, b_url: str) -> str:
+    return llm_yaml(
+        {
+            "a": f'{{kind: openai, base_url: "{a.base_url}"}}',
+            "b": f'{{kind: {b_kind}, base_url: "{b_url}", keys: ["k"]}}',
+        },
+        "    chat:\n"
+        "      continue_streams: true\n"
+        "      deployments:\n"
+        "        - {provider: a, model: model-a}\n"
+        "        - {provider: b, model: model-b}\n",
+        extra="  timeouts: {first_byte: 2s, first_token: 2s, idle: 300ms, total: 10s}",
+    )
+
+
+async def test_a_broken_stream_is_continued_by_a_deployment_that_can_continue(
+    fake_openai: FakeOpenAI, fake_anthropic: Any
+) -> None:
+    fake_openai.script(Cut(after=3, answer=Answer(text="The answer is forty", chunk_gap=0.05)))
+    fake_anthropic.script(Answer(text="-two."))
+    async with gateway(_continuing(fake_openai, "anthropic", fake_anthropic.base_url)) as (
+        app,
+        port,
+    ):
+        entries: list[dict[str, Any]] = []
+        app.handler.observers = (*app.handler.observers, entries.append)
+        c = client(port)
+        stream = await c.chat.completions.create(
+            model="chat", messages=MSG, stream=True, stream_options={"include_usage": True}
+        )
+        text, finish, usage = await collect(stream)
+        # two pieces of A ("The answer is forty" in 3 pieces, the role chunk first), then B
+        sent_by_a = text[: len(text) - len("-two.")]
+        assert text.endswith("-two.") and "The answer is forty".startswith(sent_by_a)
+        assert finish == "stop"
+        prefill = fake_anthropic.requests[-1].json["messages"][-1]
+        assert prefill["role"] == "assistant"
+        assert prefill["content"] in (
+            sent_by_a.rstrip(),
+            [{"type": "text", "text": sent_by_a.rstrip()}],
+        )
+        assert usage is not None and usage.completion_tokens > 5  # both were billed
+        entry = entries[-1]
+        assert entry["llm_continued"] is True and entry["llm_deployment"] == "b/model-b"
+        assert entry["llm_tried"] == ["a/model-a", "b/model-b"]
+        await c.close()
+
+
+async def test_no_continuation_where_the_fallback_cannot_continue(
+    fake_openai: FakeOpenAI, second_openai: FakeOpenAI
+) -> None:
+    fake_openai.script(Cut(after=3, answer=Answer(chunk_gap=0.05)))
+    async with gateway(_continuing(fake_openai, "openai", second_openai.base_url)) as (
+        _app,
+        port,
+    ):
+        c = client(port)
+        stream = await c.chat.completions.create(model="chat", messages=MSG, stream=True)
+        with pytest.raises(openai.APIError, match="model-a"):
+            await collect(stream)
+        assert models_seen(second_openai) == []
+        await c.close()

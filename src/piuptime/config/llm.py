@@ -169,6 +169,10 @@ class LlmModel(BaseModel):
     retries: Int = Field(default=1, ge=0, le=5)
     # embeddings group (for /v1/embeddings) or chat (the default)
     mode: Literal["chat", "embeddings"] = "chat"
+    # a stream that breaks after the client got part of the answer is carried on by another
+    # deployment that continues a prefilled assistant turn (kind anthropic), instead of ending
+    # with an error event; only for plain-text answers
+    continue_streams: bool = False
 
 
 class LlmRoute(BaseModel):

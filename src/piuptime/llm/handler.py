@@ -80,6 +80,8 @@ _RETRY_SAME = frozenset((SERVER, CONNECT, PROTOCOL))
 _UNWELL = frozenset((SERVER, CONNECT, PROTOCOL, TIMEOUT))
 #: never retried anywhere: the answer goes to the client
 _FINAL = frozenset((CONTENT_POLICY, BAD_REQUEST))
+#: provider kinds whose API continues a trailing (prefilled) assistant message
+_CONTINUES = frozenset(("anthropic",))
 _perf = time.perf_counter
 
 
@@ -89,6 +91,7 @@ class _Outcome:
     __slots__ = (
         "attempts",
         "completion_tokens",
+        "continued",
         "cost",
         "deployment",
         "error_kind",
@@ -116,6 +119,7 @@ class _Outcome:
         self.error_kind: str | None = None
         self.upstream_time = 0.0
         self.usage_source: str | None = None  # "provider" or "counted"
+        self.continued = False  # a broken stream was carried on by another deployment
 
     def log_fields(self) -> dict[str, Any]:
         dep = self.deployment
@@ -131,6 +135,7 @@ class _Outcome:
             "cost_usd": self.cost,
             "ttft_ms": round(self.ttft * 1000, 3) if self.ttft is not None else None,
             "llm_error": self.error_kind,
+            "llm_continued": self.continued,
         }
 
 
@@ -355,16 +360,19 @@ class LlmApi:
     def _account(
         self, outcome: _Outcome, dep: DeploymentState, prompt: int, completion: int
     ) -> None:
-        outcome.prompt_tokens = prompt
-        outcome.completion_tokens = completion
+        # added up: a stream continued on another deployment was billed by both
+        outcome.prompt_tokens += prompt
+        outcome.completion_tokens += completion
         outcome.deployment = dep
         outcome.provider = dep.config.provider
         dep.tokens_used(prompt + completion)
         prices = self.prices
         if prices is not None:
-            outcome.cost = prices.cost(
+            cost = prices.cost(
                 dep.config.provider, dep.config.model, dep.config.price, prompt, completion
             )
+            if cost is not None:
+                outcome.cost = cost if outcome.cost is None else round(outcome.cost + cost, 9)
 
     @staticmethod
     def _answer_headers(outcome: _Outcome, overhead: float) -> list[tuple[bytes, bytes]]:
@@ -783,27 +791,41 @@ class _Stream:
             front == "openai" and isinstance(options, dict) and options.get("include_usage") is True
         )
         self.writer = anthropic_api.MessagesStreamWriter() if front == "anthropic" else None
+        # what the client got so far, kept only when a broken stream may be continued
+        self.track = group.config.continue_streams
+        self.sent_text: list[str] = []
+        self.sent_tools = False
+        self.plan: _Plan
+        self.current: DeploymentState
 
     async def run(self) -> None:
         outcome = self.outcome
         start = self.req.start_time
         plan = _Plan(self.api, self.group, outcome, self.estimate, start)
         plan.keep_busy = True
+        self.plan = plan
         (up, decoder, pending), t_first, dep = await plan.run(self._attempt)
         # the first token is here: the client gets the head and what arrived so far
         outcome.ttft = t_first - start
         outcome.deployment = dep
+        self.current = dep
         try:
             await self._pump(up, decoder, pending, dep)
         finally:
-            dep.end()
+            self.current.end()
 
-    async def _attempt(self, dep: DeploymentState, key: str | None, budget: float) -> Any:
+    async def _attempt(
+        self,
+        dep: DeploymentState,
+        key: str | None,
+        budget: float,
+        body: dict[str, Any] | None = None,
+    ) -> Any:
         """Send, then read until the first content (or the end): returns (response, decoder,
         chunks so far, time); every failure before that raises ProviderError."""
         adapter = dep.provider.adapter
         timeouts = self.group.timeouts
-        wire = adapter.chat_request(self.body, dep.deployment, True, key)
+        wire = adapter.chat_request(self.body if body is None else body, dep.deployment, True, key)
         outcome = self.outcome
         t0 = _perf()
         first_token_by = t0 + min(timeouts.first_token, budget)
@@ -872,9 +894,48 @@ class _Stream:
         if ctx is not None and ctx.route.pipeline is not None:
             ctx.route.pipeline.on_response(ctx, 200, headers)
         resp.start(200, headers)
+        first = pending
+        while True:
+            failure = await self._relay(up, decoder, pending, dep)
+            complete = decoder.done or decoder.finish_reason is not None
+            usage = self._settle(decoder, dep)
+            if failure is None and not complete:
+                failure = f"{dep.label}: the stream ended without a finish (truncated answer)"
+            if failure is None:
+                break
+            self._interrupted(dep, failure)
+            resumed = await self._continuation(dep)
+            if resumed is None:
+                outcome.error_kind = "stream_interrupted"
+                resp.write(self._error_event(failure))
+                resp.end()
+                return
+            up, decoder, pending, dep = resumed
+        if self.writer is not None:
+            resp.end(self.writer.finish(decoder.finish_reason, usage))
+            return
+        tail = b""
+        if self.include_usage:
+            chunk = {
+                "id": self._last_id(first),
+                "object": "chat.completion.chunk",
+                "created": int(time.time()),
+                "model": self._last_model(pending, dep),
+                "choices": [],
+                "usage": usage,
+            }
+            tail = b"data: " + orjson.dumps(chunk) + b"\n\n"
+        resp.end(tail + _DONE)
+
+    async def _relay(
+        self, up: Response, decoder: Any, pending: list[dict[str, Any]], dep: DeploymentState
+    ) -> str | None:
+        """Write ``pending``, then every chunk of ``up`` as it comes, to the end of its body;
+        returns None, or what broke the stream."""
+        resp = self.resp
+        outcome = self.outcome
         encode = self._encode
         idle = self.group.timeouts.idle
-        failure: str | None = None
         try:
             out = b"".join(encode(c) for c in pending)
             if out:
@@ -887,65 +948,81 @@ class _Stream:
                     async with asyncio.timeout(idle):
                         data = await up.read()
                 except TimeoutError:
-                    failure = f"{dep.label}: the stream stalled (nothing for {idle:.3g}s)"
-                    break
+                    return f"{dep.label}: the stream stalled (nothing for {idle:.3g}s)"
                 except UpstreamError as exc:
-                    failure = f"{dep.label}: the stream broke off: {exc}"
-                    break
+                    return f"{dep.label}: the stream broke off: {exc}"
                 finally:
                     outcome.upstream_time += _perf() - t1
                 if not data:
                     chunks = decoder.close()
                     if chunks:
                         resp.write(b"".join(encode(c) for c in chunks))
-                    break
+                    return None
                 try:
                     chunks = decoder.feed(data)
                 except ProviderError as exc:
-                    failure = f"{dep.label}: {exc.message}"
-                    break
+                    return f"{dep.label}: {exc.message}"
                 except StreamTooLarge as exc:
-                    failure = f"{dep.label}: {exc}"
-                    break
+                    return f"{dep.label}: {exc}"
                 if chunks:
                     resp.write(b"".join(encode(c) for c in chunks))
                     if resp.write_paused:
                         await resp.drain()
         except ClientDisconnected:
-            up.release()
             self._settle(decoder, dep)
             raise
         finally:
             up.release()
-        complete = decoder.done or decoder.finish_reason is not None
-        usage = self._settle(decoder, dep)
-        if failure is None and not complete:
-            failure = f"{dep.label}: the stream ended without a finish (truncated answer)"
-        if failure is not None:
-            outcome.error_kind = "stream_interrupted"
-            if dep.failed(self.group.breaker) and self.api.metrics is not None:
-                self.api.metrics.breaker_opened(dep.label)
-            if self.api.metrics is not None:
-                self.api.metrics.error(self.group.name, dep.label, "stream_interrupted")
-            log.warning("stream interrupted: %s", failure)
-            resp.write(self._error_event(failure))
-            resp.end()
-            return
-        if self.writer is not None:
-            resp.end(self.writer.finish(decoder.finish_reason, usage))
-            return
-        tail = b""
-        if self.include_usage:
-            chunk = {
-                "id": self._last_id(pending),
-                "object": "chat.completion.chunk",
-                "created": int(time.time()),
-                "model": self._last_model(pending, dep),
-                "choices": [],
-                "usage": usage,
-            }
-            tail = b"data: " + orjson.dumps(chunk) + b"\n\n"
-        resp.end(tail + _DONE)
+
+    def _interrupted(self, dep: DeploymentState, failure: str) -> None:
+        metrics = self.api.metrics
+        if dep.failed(self.group.breaker) and metrics is not None:
+            metrics.breaker_opened(dep.label)
+        if metrics is not None:
+            metrics.error(self.group.name, dep.label, "stream_interrupted")
+        log.warning("stream interrupted: %s", failure)
+
+    async def _continuation(
+        self, failed: DeploymentState
+    ) -> tuple[Response, Any, list[dict[str, Any]], DeploymentState] | None:
+        """A deployment that carries on the answer the client already holds part of, by
+        continuing a prefilled assistant turn, when the group allows it (``continue_streams``)
+        and the answer so far is plain text. Only kinds whose API continues a trailing
+        assistant message are asked (Anthropic). None when there is none to ask."""
+        if not self.group.config.continue_streams or self.sent_tools or not self.sent_text:
+            return None
+        partial = "".join(self.sent_text).rstrip()  # Anthropic refuses trailing whitespace
+        if not partial:
+            return None
+        body = dict(self.body)
+        body["messages"] = [*self.body["messages"], {"role": "assistant", "content": partial}]
+        outcome = self.outcome
+        for group in self.plan.groups():
+            for dep in group.order():
+                if dep is failed or dep.provider.kind not in _CONTINUES or dep.wait() > 0:
+                    continue
+                index, key = dep.provider.keys.pick()
+                if index == -2:
+                    continue
+                outcome.attempts += 1
+                outcome.tried.append(dep.label)
+                dep.begin()
+                try:
+                    (up, decoder, pending), _ = await self._attempt(
+                        dep, key, self.group.timeouts.first_token, body
+                    )
+                except ProviderError as exc:
+                    dep.end()
+                    self.plan._failed(dep, group, exc, index)
+                    continue
+                self.current.end()  # the broken one
+                self.current = dep
+                outcome.deployment = dep
+                outcome.continued = True
+                # the continuation's own opening (its role chunk) is not news to the client
+                pending = [c for c in pending if _has_content(c)]
+                return up, decoder, pending, dep
+        return None
 
     def _settle(self, decoder: Any, dep: DeploymentState) -> dict[str, int]:
         """Tokens of this answer: the provider's usage, else counted here."""
@@ -960,6 +1037,7 @@ class _Stream:
             completion = tokens.count_completion(decoder.text_out())
             outcome.usage_source = "counted"
         self.api._account(outcome, dep, prompt, completion)
+        prompt, completion = outcome.prompt_tokens, outcome.completion_tokens
         return {
             "prompt_tokens": prompt,
             "completion_tokens": completion,
@@ -967,6 +1045,13 @@ class _Stream:
         }
 
     def _encode(self, chunk: dict[str, Any]) -> bytes:
+        if self.track:
+            for choice in chunk.get("choices") or ():
+                delta = choice.get("delta") or {}
+                if delta.get("content"):
+                    self.sent_text.append(delta["content"])
+                if delta.get("tool_calls"):
+                    self.sent_tools = True
         writer = self.writer
         if writer is not None:
             return writer.chunk(chunk)
