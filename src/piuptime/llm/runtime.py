@@ -66,6 +66,10 @@ def build_llm(
     from piuptime.llm.handler import LlmApi
     from piuptime.llm.metrics import LlmMetrics
 
+    if llm.preload_tokenizer:
+        from piuptime.llm import tokens
+
+        tokens.preload()  # before serving (at start), or once on the reload that asks for it
     providers, groups = build_groups(
         llm,
         previous.providers if previous is not None else None,
