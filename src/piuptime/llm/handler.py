@@ -325,10 +325,10 @@ class LlmApi:
 
         async def attempt(dep: DeploymentState, key: str | None, budget: float) -> Any:
             adapter = dep.provider.adapter
-            wire = adapter.chat_request(body, dep.deployment, False, key)
+            wire = _translated(adapter.chat_request, dep, body, dep.deployment, False, key)
             data = await self._exchange(dep, wire, min(budget, group_timeouts.first_byte), outcome)
             t_first = _perf()
-            result = adapter.chat_response(data, dep.deployment)
+            result = _parsed(adapter.chat_response, dep, data, dep.deployment)
             return result, t_first
 
         group_timeouts = group.timeouts
@@ -443,12 +443,12 @@ class LlmApi:
 
             async def attempt(dep: DeploymentState, key: str | None, budget: float) -> Any:
                 adapter = dep.provider.adapter
-                wire = adapter.embeddings_request(body, dep.deployment, key)
+                wire = _translated(adapter.embeddings_request, dep, body, dep.deployment, key)
                 assert outcome is not None
                 data = await self._exchange(
                     dep, wire, min(budget, group.timeouts.first_byte), outcome
                 )
-                return adapter.embeddings_response(data, dep.deployment), _perf()
+                return _parsed(adapter.embeddings_response, dep, data, dep.deployment), _perf()
 
             start = req.start_time
             result, _, dep = await _Plan(self, group, outcome, size // 4, start).run(attempt)
@@ -512,6 +512,32 @@ class LlmApi:
         front = "anthropic" if any(n == b"anthropic-version" for n, _ in req.headers) else "openai"
         self._error(resp, ctx, err, front)
         log({"llm_error": err.kind}, 0.0)
+
+
+#: what a translation of malformed input can raise (a list where a dict belongs, ...)
+_SHAPE_ERRORS = (TypeError, ValueError, KeyError, AttributeError, IndexError)
+
+
+def _translated(fn: Callable[..., WireRequest], dep: DeploymentState, *args: Any) -> WireRequest:
+    """An adapter's request translation; a request it cannot read is the client's error."""
+    try:
+        return fn(*args)
+    except ProviderError:
+        raise
+    except _SHAPE_ERRORS as exc:
+        raise ProviderError(
+            BAD_REQUEST, f"the request cannot be sent to {dep.provider.kind}: {exc}"
+        ) from None
+
+
+def _parsed(fn: Callable[..., dict[str, Any]], dep: DeploymentState, *args: Any) -> dict[str, Any]:
+    """An adapter's reading of a 2xx answer; one it cannot read is the provider's fault."""
+    try:
+        return fn(*args)
+    except ProviderError:
+        raise
+    except _SHAPE_ERRORS as exc:
+        raise ProviderError(PROTOCOL, f"unreadable answer: {exc!r}") from None
 
 
 def _response_text(result: dict[str, Any]) -> str:
@@ -825,7 +851,14 @@ class _Stream:
         chunks so far, time); every failure before that raises ProviderError."""
         adapter = dep.provider.adapter
         timeouts = self.group.timeouts
-        wire = adapter.chat_request(self.body if body is None else body, dep.deployment, True, key)
+        wire = _translated(
+            adapter.chat_request,
+            dep,
+            self.body if body is None else body,
+            dep.deployment,
+            True,
+            key,
+        )
         outcome = self.outcome
         t0 = _perf()
         first_token_by = t0 + min(timeouts.first_token, budget)
@@ -875,6 +908,8 @@ class _Stream:
                     chunks = decoder.feed(data)
                 except StreamTooLarge as exc:
                     raise ProviderError(PROTOCOL, str(exc)) from None
+                except _SHAPE_ERRORS as exc:
+                    raise ProviderError(PROTOCOL, f"unreadable stream: {exc!r}") from None
                 if chunks:
                     pending += chunks
                     if any(_has_content(c) for c in chunks):
@@ -964,6 +999,8 @@ class _Stream:
                     return f"{dep.label}: {exc.message}"
                 except StreamTooLarge as exc:
                     return f"{dep.label}: {exc}"
+                except _SHAPE_ERRORS as exc:
+                    return f"{dep.label}: unreadable stream: {exc!r}"
                 if chunks:
                     resp.write(b"".join(encode(c) for c in chunks))
                     if resp.write_paused:
