@@ -233,6 +233,9 @@ async def test_unknown_path_wrong_method_and_big_bodies(running: Admin) -> None:
         "unknown query parameter 'limt' (this endpoint takes: action, before, limit)"
     )
     assert (await fetch(running.port, "/healthz?x=1")).status == 422
+    twice = await running.get(f"{API}/audit?limit=1&limit=500")
+    assert twice.status == 422
+    assert "'limit' given more than once" in error(twice)["message"]
 
     big = b"routes: []\n" + b"#" * (1024 * 1024)
     too_big = await running.post(f"{API}/config/validate", big, "application/yaml")

@@ -287,16 +287,22 @@ def require_token(
     return actor
 
 
-def _query_names(dependant: Any) -> set[str]:
-    names = {str(getattr(p, "alias", None) or p.name) for p in dependant.query_params}
+def _query_names(dependant: Any) -> dict[str, bool]:
+    """The query parameters an endpoint takes → whether each may repeat (a list)."""
+    names: dict[str, bool] = {}
+    for p in dependant.query_params:
+        annotation = getattr(getattr(p, "field_info", None), "annotation", None)
+        repeats = "list" in str(annotation).lower() or "sequence" in str(annotation).lower()
+        names[str(getattr(p, "alias", None) or p.name)] = repeats
     for sub in dependant.dependencies:
-        names |= _query_names(sub)
+        names.update(_query_names(sub))
     return names
 
 
 def strict_query(request: Request) -> None:
     """FastAPI dependency: 422 for a query parameter the endpoint does not take (a typo such as
-    ``?limt=5`` would otherwise be ignored without a word)."""
+    ``?limt=5`` would otherwise be ignored without a word), and for one given twice that takes
+    a single value (``?limit=1&limit=500`` would otherwise quietly mean 500)."""
     route = request.scope.get("route")
     dependant = getattr(route, "dependant", None)
     if dependant is None or not request.query_params:
@@ -310,6 +316,15 @@ def strict_query(request: Request) -> None:
             "invalid_request",
             f"unknown query parameter {', '.join(map(repr, unknown))} (this endpoint takes: "
             f"{takes})",
+        )
+    repeated = sorted({k for k in request.query_params if len(request.query_params.getlist(k)) > 1})
+    single = [k for k in repeated if not allowed.get(k, False)]
+    if single:
+        raise AdminError(
+            422,
+            "invalid_request",
+            f"query parameter {', '.join(map(repr, single))} given more than once; it takes "
+            "one value",
         )
 
 
@@ -1061,7 +1076,9 @@ def create_app(
     # are served under /api/v1, behind require_token, with the common error responses.
     offered: Callable[[], Iterable[APIRouter]] | None = getattr(source, "admin_routers", None)
     for router in (*routers, *(offered() if offered is not None else ())):
-        app.include_router(router, prefix=API, dependencies=protected, responses=COMMON_RESPONSES)
+        app.include_router(
+            router, prefix=API, dependencies=[*protected, *strict], responses=COMMON_RESPONSES
+        )
 
     app.add_middleware(_Gate, ctx=ctx, max_body=max_body)
     return app
