@@ -186,6 +186,13 @@ async def test_stalled_target_is_ejected_with_p99_within_one_retry(tmp_path: Pat
             detected = time.monotonic() - t_fault
             ejected_at = time.time()
             await load.more(4000)
+            # and, however loaded the machine, enough answers that finished well after it
+            settled = time.monotonic() + TTFB + 0.2
+            await wait_until(
+                lambda: sum(1 for s in load.samples if s.start + s.latency > settled) >= 400,
+                30,
+                "400 answers after the ejection settled",
+            )
         finally:
             await load.stop()
             stuck.cont()
