@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import os
 import pstats
 import time
 
@@ -161,6 +162,11 @@ async def main() -> None:
     ap.add_argument(
         "--no-metrics", action="store_true", help="without the request metrics (/metrics)"
     )
+    ap.add_argument(
+        "--access-log",
+        action="store_true",
+        help="with the access log (entries built and serialised; its writer thread not run)",
+    )
     args = ap.parse_args()
     down, up, down_t, up_t = await setup(args.policies, not args.no_metrics)
     request = REQUEST_WITH_KEY if args.policies else REQUEST
@@ -170,6 +176,9 @@ async def main() -> None:
         handler = down._server.handler.__self__  # type: ignore[attr-defined]
         recorder = Analytics(lambda: SQLiteBackend(":memory:"))  # writer not started
         handler.observers = (*handler.observers, recorder.observe)
+    if args.access_log:
+        handler = down._server.handler.__self__  # type: ignore[attr-defined]
+        handler.access_log = AccessLog(os.devnull, max_pending_bytes=1 << 62)
     run(2000, down, up, down_t, up_t, request)  # warm
     if args.profile:
         prof = cProfile.Profile()
@@ -182,6 +191,7 @@ async def main() -> None:
     what = "proxy path with key_auth + rate_limit" if args.policies else "proxy path"
     what += ", analytics recorder" if args.analytics else ""
     what += ", no request metrics" if args.no_metrics else ""
+    what += ", access log" if args.access_log else ""
     print(f"piuptime {what}: {best * 1e6:.2f} us per request (best of {args.rounds})")
 
 
