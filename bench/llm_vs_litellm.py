@@ -576,11 +576,6 @@ def main() -> int:
     ap.add_argument("--litellm-venv", type=Path, default=DEFAULT_VENV, help="made on first run")
     ap.add_argument("--litellm-version", default=LITELLM_VERSION)
     ap.add_argument("--only", choices=["piuptime", "litellm"], help="measure one gateway only")
-    ap.add_argument(
-        "--piuptime-stand-in",
-        action="store_true",
-        help="debug the harness: a second fake upstream stands in for piuptime",
-    )
     args = ap.parse_args()
 
     need("wrk", "apt-get install wrk")
@@ -600,14 +595,10 @@ def main() -> int:
         script.write_text(LUA_POST.format(body=BODY.decode()))
         direct = measure("upstream (direct)", up, args, script)
         if args.only != "litellm":
-            if args.piuptime_stand_in:
-                with fake_upstream(args.proxy_cpu) as port:
-                    t = measure("piuptime", port, args, script)
-            else:
-                with piuptime_gateway(up, args.proxy_cpu) as (port, proc):
-                    rss = settle_rss(proc.pid, args.idle)
-                    t = measure("piuptime", port, args, script)
-                    t.rss_mb, t.rss_after_mb = rss, tree_rss_mb(proc.pid)
+            with piuptime_gateway(up, args.proxy_cpu) as (port, proc):
+                rss = settle_rss(proc.pid, args.idle)
+                t = measure("piuptime", port, args, script)
+                t.rss_mb, t.rss_after_mb = rss, tree_rss_mb(proc.pid)
             targets["piuptime"] = t
         if args.only != "piuptime":
             assert binary is not None
