@@ -336,3 +336,23 @@ async def test_tokens_and_cost_by_consumer_in_metrics_and_the_access_log(
     assert [e["consumer"] for e in entries] == ["kitchen", "kitchen"]
     assert entries[0]["llm_model"] == "chat" and entries[0]["llm_deployment"] == "p/m"
     assert entries[1]["usage_source"] == "provider" and entries[1]["ttft_ms"] > 0
+
+
+async def test_a_rate_limited_key_is_set_aside_and_the_next_key_serves(
+    fake_openai: FakeOpenAI,
+) -> None:
+    from tests.llm.fakes import rate_limited
+
+    fake_openai.script(rate_limited(retry_after=60))
+    config = llm_yaml(
+        {"p": f'{{kind: openai, base_url: "{fake_openai.base_url}", keys: ["k1", "k2"]}}'},
+        "    chat:\n      deployments:\n        - {provider: p, model: m}\n",
+    )
+    async with gateway(config) as (_app, port):
+        c = _client(port)
+        for _ in range(3):
+            done = await c.chat.completions.create(model="chat", messages=MSG)
+            assert done.model == "m"
+        used = [r.headers["authorization"] for r in fake_openai.requests]
+        assert used == ["Bearer k1", "Bearer k2", "Bearer k2", "Bearer k2"]
+        await c.close()

@@ -631,7 +631,7 @@ class _Plan:
             visited.add(group.name)
             if group is not self.group:
                 outcome.fallbacks += 1
-            jump: str | None = None
+            too_long: tuple[ProviderError, str] | None = None
             for dep in group.order():
                 wait = dep.wait(self.estimate)
                 if wait > 0:
@@ -641,14 +641,15 @@ class _Plan:
                     return await self._on(dep, group, attempt)
                 except ProviderError as exc:
                     if exc.kind == CONTEXT_LENGTH:
-                        jump = group.context_fallback or ""
+                        too_long = (exc, dep.label)
                         break
-            if jump is not None:
+            if too_long is not None:
+                # never retried in this group: the larger-context group, or a clear 400
+                jump = group.context_fallback
                 if jump and jump not in visited and jump in api.groups:
                     queue.insert(i, api.groups[jump])
                     continue
-                assert self.first_error is not None
-                raise from_provider(self.first_error, self.first_where)
+                raise from_provider(*too_long)
         # everything was tried or held: when a deployment is only held off (Retry-After,
         # back-off, rpm/tpm) and the deadline allows, wait for the soonest and ask it again
         soonest = self._soonest(visited)
@@ -708,13 +709,13 @@ class _Plan:
                     tries += 1
                     continue
                 if (
-                    exc.kind == AUTH
+                    exc.kind in (AUTH, RATE_LIMITED)
                     and index >= 0
                     and len(keys.keys) > 1
                     and tries < len(keys.keys)
                 ):
                     tries += 1
-                    continue  # the next key
+                    continue  # the same deployment with the next key (this one is set aside)
                 raise
             except BaseException:
                 dep.end()
