@@ -22,7 +22,7 @@ from tests.llm.fakes import (
     overloaded,
     rate_limited,
 )
-from tests.llm.support import gateway, llm_yaml
+from tests.llm.support import gateway, llm_yaml, metric
 
 MSG = [{"role": "user", "content": "hi"}]
 TOOLS = [
@@ -191,10 +191,12 @@ async def test_overload_moves_to_the_fallback_group(fake: FakeServer) -> None:
     text = config(fake, extra).replace(
         "    chat:\n      deployments:", "    chat:\n      fallbacks: [spare]\n      deployments:"
     )
-    async with gateway(text) as (_app, port):
+    async with gateway(text) as (app, port):
         c = client(port)
         r = await c.chat.completions.create(model="chat", messages=MSG)
         assert r.choices[0].message.content == "Hello from spare-model."
+        assert metric(app, "llm_fallbacks", model="chat") == 1
+        assert metric(app, "llm_errors", model="chat", kind="overloaded") == 1
         await c.close()
 
 
