@@ -516,6 +516,11 @@ class Responder:
         conn._task = conn._loop.create_task(conn._run(self._req, self, work))
 
     @property
+    def client_gone(self) -> bool:
+        """The client's connection is closed: nothing written now reaches it."""
+        return self._conn._closed
+
+    @property
     def write_paused(self) -> bool:
         """True while the client is not reading fast enough: ``await drain()`` before more."""
         return self._conn._write_paused

@@ -664,11 +664,14 @@ class _Plan:
         raise self._exhausted(held)
 
     def _soonest(self, visited: set[str]) -> tuple[float, DeploymentState, Group] | None:
-        """The held-off deployment (of the groups tried) that may be asked again first."""
+        """The held-off deployment (of the groups tried) that may be asked again first: held
+        by Retry-After, back-off or its rpm/tpm limit, not by an open breaker."""
         best: tuple[float, DeploymentState, Group] | None = None
         for name in visited:
             group = self.api.groups[name]
             for dep in group.deployments:
+                if dep.breaker_state != "closed":
+                    continue  # taken out for failing: not worth waiting for
                 wait = dep.wait(self.estimate)
                 if 0 < wait != float("inf") and (best is None or wait < best[0]):
                     best = (wait, dep, group)
@@ -1006,6 +1009,8 @@ class _Stream:
                     resp.write(b"".join(encode(c) for c in chunks))
                     if resp.write_paused:
                         await resp.drain()
+                    elif resp.client_gone:  # stop the generation nobody reads any more
+                        raise ClientDisconnected("client connection closed")
         except ClientDisconnected:
             self._settle(decoder, dep)
             raise
