@@ -57,12 +57,12 @@ from piuptime.llm.sse import StreamTooLarge
 
 if TYPE_CHECKING:
     from piuptime.gateway.plugins import Ctx
+    from piuptime.gateway.runtime import LogFn
     from piuptime.http1.server import Request, Responder
     from piuptime.llm.metrics import LlmMetrics
 
 log = logging.getLogger("piuptime.llm")
 
-LogFn = Callable[[dict[str, Any] | None, float], None]
 
 _JSON = b"application/json"
 _SSE_HEADERS = (
