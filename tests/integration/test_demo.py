@@ -12,6 +12,8 @@ import subprocess
 import threading
 from typing import IO
 
+import openai
+
 from tests.support import fetch, free_port, piuptime_cmd, process, python_env, wait_until
 
 
@@ -35,6 +37,33 @@ async def test_demo_serves_spreads_load_and_stops_cleanly() -> None:
         echo = await fetch(port, "/echo", method="POST", body=b"hello")
         assert echo.body == b"hello"
         assert (await fetch(port, "/nope")).status == 404
+        # the AI gateway: pi-1 answers demo-chat in OpenAI's protocol, whole and streamed
+        ask = {"model": "demo-chat", "messages": [{"role": "user", "content": "hello"}]}
+        chat = await fetch(
+            port,
+            "/v1/chat/completions",
+            method="POST",
+            body=json.dumps(ask).encode(),
+            headers={"content-type": "application/json"},
+        )
+        assert chat.status == 200 and chat.header(b"x-piuptime-deployment") == b"pi-1/tiny"
+        assert json.loads(chat.body)["choices"][0]["message"]["content"] == "pi-1 heard: hello"
+        client = openai.AsyncOpenAI(
+            base_url=f"http://127.0.0.1:{port}/v1", api_key="demo", max_retries=0
+        )
+        stream = await client.chat.completions.create(
+            model="demo-chat",
+            messages=[{"role": "user", "content": "hi there"}],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        text, usage = "", None
+        async for chunk in stream:
+            if chunk.choices:
+                text += chunk.choices[0].delta.content or ""
+            usage = chunk.usage or usage
+        await client.close()
+        assert text == "pi-1 heard: hi there" and usage is not None and usage.completion_tokens == 4
         # the policies route: a key, a cache, a rate limit of 5 per 10 s
         assert (await fetch(port, "/api/temperature")).status == 401
         key = {"apikey": "demo-kitchen-key"}

@@ -2,7 +2,10 @@
 
 Endpoints: ``/`` and ``/sensors/...`` (a JSON reading from this device), ``/healthz``,
 ``POST /echo`` (echoes the body), ``/stream`` (a chunked response in several writes),
-``/slow?ms=N`` (answers after N ms).
+``/slow?ms=N`` (answers after N ms), and ``POST /v1/chat/completions`` in OpenAI's protocol
+(whole or streamed): no model runs here, the device answers "<name> heard: <your last message>"
+with its token counts, so the demo's AI gateway has something local to route to and fail over
+between.
 
 For failure drills and tests:
 
@@ -108,6 +111,8 @@ class Device:
             resp.send(
                 self.status, orjson.dumps({"device": self.name, "status": self.status}), headers
             )
+        elif path == "/v1/chat/completions" and req.method == b"POST":
+            await self.chat(body, resp)
         elif path == "/crash" and self.allow_crash and req.method == b"POST":
             os._exit(1)  # dies holding the request: no answer, the connection is reset
         elif path == "/echo":
@@ -125,6 +130,54 @@ class Device:
             resp.send(200, orjson.dumps(self.reading(path)), [(b"x-device", name)])
         else:
             resp.send(200, orjson.dumps(self.reading(path)), [(b"x-device", name)])
+
+    async def chat(self, body: bytes, resp: Responder) -> None:
+        """OpenAI Chat Completions, whole or as server-sent events (with the usage chunk when
+        ``stream_options.include_usage`` asks for it)."""
+        try:
+            request = orjson.loads(body)
+            messages = request["messages"]
+            last = str(messages[-1].get("content", "")) if messages else ""
+        except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError, IndexError):
+            error = {
+                "message": "expected a chat completion request",
+                "type": "invalid_request_error",
+            }
+            resp.send(400, orjson.dumps({"error": {**error, "param": None, "code": None}}))
+            return
+        model = str(request.get("model") or "demo")
+        words = f"{self.name} heard: {last}".split(" ")
+        prompt = sum(len(str(m.get("content", "")).split()) + 3 for m in messages) + 3
+        usage = {"prompt_tokens": prompt, "completion_tokens": len(words)}
+        usage["total_tokens"] = prompt + len(words)
+        base = {"id": f"chatcmpl-{self.name}-{self.requests}", "created": int(time.time())}
+        base["model"] = model
+        if request.get("stream") is not True:
+            message = {"role": "assistant", "content": " ".join(words)}
+            choice = {"index": 0, "message": message, "finish_reason": "stop", "logprobs": None}
+            answer = {**base, "object": "chat.completion", "choices": [choice], "usage": usage}
+            resp.send(200, orjson.dumps(answer), [(b"x-device", self.name.encode())])
+            return
+        resp.start(
+            200, [(b"content-type", b"text/event-stream"), (b"x-device", self.name.encode())]
+        )
+
+        def event(delta: dict[str, Any], finish: str | None = None) -> bytes:
+            choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+            chunk = {**base, "object": "chat.completion.chunk", "choices": [choice]}
+            return b"data: " + orjson.dumps(chunk) + b"\n\n"
+
+        resp.write(event({"role": "assistant", "content": ""}))
+        for i, word in enumerate(words):
+            resp.write(event({"content": word if i == 0 else " " + word}))
+            await resp.drain()
+            await asyncio.sleep(0.02)  # a token at a time, like a small model on a Pi
+        resp.write(event({}, "stop"))
+        options = request.get("stream_options")
+        if isinstance(options, dict) and options.get("include_usage"):
+            chunk = {**base, "object": "chat.completion.chunk", "choices": [], "usage": usage}
+            resp.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+        resp.end(b"data: [DONE]\n\n")
 
 
 async def serve(name: str, host: str, port: int, **options: Any) -> None:

@@ -69,6 +69,19 @@ consumers:
 
 plugins:                               # every route
   request_id: {{}}                     # X-Request-ID made or kept, echoed and logged
+llm:                                   # the AI gateway: POST /v1/chat/completions, /v1/messages
+  providers:                           # each demo device also speaks OpenAI's chat protocol
+    pi-1: {{kind: openai, base_url: "http://127.0.0.1:{p1}/v1"}}
+    pi-2: {{kind: openai, base_url: "http://127.0.0.1:{p2}/v1"}}
+  models:
+    demo-chat:                         # the "model" clients ask for
+      strategy: priority               # pi-1 answers; pi-2 when pi-1 fails or is too slow
+      deployments:
+        - {{provider: pi-1, model: tiny}}
+        - {{provider: pi-2, model: tiny}}
+  timeouts: {{connect: 1s, first_token: 2s, idle: 2s, total: 10s}}
+  routes:
+    - {{path: /v1/}}
 """
 
 DEMO_KEY = "demo-kitchen-key"
@@ -222,6 +235,15 @@ Traffic policies on /api/ (key_auth, 5 requests per 10 s per consumer, a 5 s cac
                                           # X-Cache: MISS then HIT, RateLimit-* headers
   for i in 1 2 3 4 5 6 7; do curl -s -o /dev/null -w '%{{http_code}} ' \
       -H 'apikey: {DEMO_KEY}' {gw}/api/t; done; echo     # 429 once the 5 are used
+
+The AI gateway on /v1/ (OpenAI's protocol; pi-1 and pi-2 stand in for two local models):
+  curl -s {gw}/v1/chat/completions -H 'content-type: application/json' \\
+      -d '{{"model": "demo-chat", "messages": [{{"role": "user", "content": "hello"}}]}}'
+  curl -sN {gw}/v1/chat/completions -H 'content-type: application/json' \\
+      -d '{{"model": "demo-chat", "stream": true,
+           "messages": [{{"role": "user", "content": "hi"}}]}}'
+                                          # kill pi-1 and ask again: pi-2 answers
+  (or any OpenAI SDK: base_url="{gw}/v1", model="demo-chat")
 
 Failover: kill a device and watch its traffic move to the others, without a failed request.
   # terminal 2: one line per request (the answering device, then the status)
