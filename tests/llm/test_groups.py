@@ -4,6 +4,7 @@ clock of their own) and through the gateway against fake providers."""
 from __future__ import annotations
 
 import collections
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -15,6 +16,7 @@ from tests.llm.fakes import Answer, FakeOpenAI, unauthorized
 from tests.llm.support import gateway, llm_yaml
 
 MSG = [{"role": "user", "content": "hi"}]
+METRICS_DOC = Path(__file__).resolve().parents[2] / "docs" / "metrics.md"
 
 
 class Clock:
@@ -315,11 +317,17 @@ async def test_tokens_and_cost_by_consumer_in_metrics_and_the_access_log(
             pass
         await c.close()
         text = app.metrics.render()
+    families = list(text_string_to_metric_families(text))
     samples = {
         (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
+        for family in families
         for s in family.samples
     }
+    docs = METRICS_DOC.read_text()
+    for family in families:  # every AI-gateway family is documented
+        if family.name.startswith("piuptime_llm_"):
+            name = family.name + "_total" if family.type == "counter" else family.name
+            assert f"`{name}`" in docs, f"{name} is not in docs/metrics.md"
 
     def value(name: str, **labels: str) -> float:
         return sum(
