@@ -1058,6 +1058,9 @@ class _Stream:
                     dep.end()
                     self.plan._failed(dep, group, exc, index)
                     continue
+                except BaseException:
+                    dep.end()
+                    raise
                 self.current.end()  # the broken one
                 self.current = dep
                 outcome.deployment = dep
