@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from piuptime.observe.metrics import Metrics
 
 if TYPE_CHECKING:
-    from piuptime.llm.handler import _Outcome
+    from piuptime.llm.plan import Outcome
 
 __all__ = ["LlmMetrics"]
 
@@ -60,7 +60,7 @@ class LlmMetrics:
             "llm_breaker_opened", "Times a deployment's breaker opened", ("deployment",)
         )
 
-    def record(self, outcome: _Outcome, consumer: str) -> None:
+    def record(self, outcome: Outcome, consumer: str) -> None:
         dep = outcome.deployment
         label = dep.label if dep is not None else ""
         model = outcome.group
