@@ -14,11 +14,13 @@ DEFAULT_CONFIG = "piuptime.yaml"
 
 DESCRIPTION = """\
 piuptime keeps a fleet of small devices' services up: one process that is an API gateway
-(routing, load balancing, health, limits), an AI gateway and a fleet watch.
+(routing, load balancing, health, limits), an AI gateway (one OpenAI- and Anthropic-compatible
+endpoint in front of local and cloud models, with failover) and a fleet watch.
 
 commands:
   run        serve with a config file (default ./piuptime.yaml)
-  demo       start three demo devices on loopback and the gateway in front of them
+  demo       start three demo devices on loopback and the gateway in front of them (with the
+             AI gateway on /v1/)
   validate   check a config file and print every error as file:line:column
   status     show upstreams, targets and their health from a running gateway
   hash-password  hash a password for a consumer's basic auth credentials
