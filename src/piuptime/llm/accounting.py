@@ -1,12 +1,28 @@
-"""What a request cost, from the price table in config (US dollars per million tokens)."""
+"""What a request used and cost: its tokens (the provider's usage, else counted offline) and
+their price from the table in config (US dollars per million tokens)."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from typing import Any
 
 from piuptime.config.llm import LlmConfig, Price
+from piuptime.llm import tokens
 
-__all__ = ["Prices"]
+__all__ = ["Prices", "tokens_of"]
+
+
+def tokens_of(
+    usage: Any, body: dict[str, Any], generated: Callable[[], str]
+) -> tuple[int, int, str]:
+    """``(prompt, completion, source)`` of one answer: the provider's ``usage`` when it gave
+    one (source ``"provider"``), else counted offline from the request ``body`` and the
+    ``generated()`` text (``"counted"``; the tokenizer loads only then)."""
+    if isinstance(usage, dict) and isinstance(usage.get("prompt_tokens"), int):
+        return int(usage["prompt_tokens"]), int(usage.get("completion_tokens") or 0), "provider"
+    return tokens.count_chat_prompt(body), tokens.count_completion(generated()), "counted"
+
 
 # a dated snapshot answers under its family's price: gpt-4o-mini-2024-07-18, claude-...-20241022
 _DATED = re.compile(r"-(?:\d{4}-\d{2}-\d{2}|\d{8})$")

@@ -30,6 +30,7 @@ import orjson
 
 from piuptime.http1.errors import BodyTooLarge, ClientDisconnected
 from piuptime.llm import anthropic_api, tokens
+from piuptime.llm.accounting import tokens_of
 from piuptime.llm.errors import ApiError, openai_error_body
 from piuptime.llm.exchange import MAX_ANSWER, parsed, read_all, send, translated
 from piuptime.llm.groups import DeploymentState, Group, ProviderRuntime
@@ -246,20 +247,15 @@ class LlmApi:
         start = req.start_time
         result, t_first, dep = await Plan(self, group, outcome, estimate, start).run(attempt)
         outcome.ttft = t_first - start
-        usage = result.get("usage")
-        if isinstance(usage, dict) and isinstance(usage.get("prompt_tokens"), int):
-            prompt = int(usage.get("prompt_tokens") or 0)
-            completion = int(usage.get("completion_tokens") or 0)
-            outcome.usage_source = "provider"
-        else:
-            prompt = tokens.count_chat_prompt(body)
-            completion = tokens.count_completion(_response_text(result))
+        prompt, completion, outcome.usage_source = tokens_of(
+            result.get("usage"), body, lambda: _response_text(result)
+        )
+        if outcome.usage_source == "counted":
             result["usage"] = {
                 "prompt_tokens": prompt,
                 "completion_tokens": completion,
                 "total_tokens": prompt + completion,
             }
-            outcome.usage_source = "counted"
         self.account(outcome, dep, prompt, completion)
         if front == "anthropic":
             payload = orjson.dumps(anthropic_api.chat_to_message(result))
@@ -273,7 +269,6 @@ class LlmApi:
         outcome.prompt_tokens += prompt
         outcome.completion_tokens += completion
         outcome.deployment = dep
-        outcome.provider = dep.config.provider
         dep.tokens_used(prompt + completion)
         prices = self.prices
         if prices is not None:
@@ -295,9 +290,9 @@ class LlmApi:
     async def _exchange(
         self, dep: DeploymentState, wire: WireRequest, first_byte: float, outcome: Outcome
     ) -> bytes:
-        """Send, wait for the head within ``first_byte``, read the whole body (each gap
-        within the group's idle timeout is not needed here: the whole answer must arrive
-        within ``first_byte`` plus reading). A non-2xx answer raises its ProviderError."""
+        """Send and read the whole answer, head and body, within ``first_byte`` (a
+        non-streamed answer arrives whole, so this bounds the generation). A non-2xx answer
+        raises its ProviderError."""
         t0 = _perf()
         try:
             up = await send(dep.provider, wire, first_byte)
@@ -342,12 +337,10 @@ class LlmApi:
 
             start = req.start_time
             result, _, dep = await Plan(self, group, outcome, size // 4, start).run(attempt)
-            usage = result.get("usage") if isinstance(result, dict) else None
+            usage = result.get("usage")
             prompt = int(usage.get("prompt_tokens") or 0) if isinstance(usage, dict) else 0
             if not prompt:
-                inputs = body["input"]
-                texts = [inputs] if isinstance(inputs, str) else inputs
-                prompt = sum(tokens.count_text(t) for t in texts if isinstance(t, str))
+                prompt = tokens.count_embedding_input(body["input"])
                 result["usage"] = {"prompt_tokens": prompt, "total_tokens": prompt}
                 outcome.usage_source = "counted"
             else:

@@ -53,7 +53,6 @@ class Outcome:
         "fallbacks",
         "group",
         "prompt_tokens",
-        "provider",
         "tried",
         "ttft",
         "upstream_time",
@@ -66,7 +65,6 @@ class Outcome:
         self.fallbacks = 0  # groups moved to after the first
         self.tried: list[str] = []
         self.deployment: DeploymentState | None = None
-        self.provider: str | None = None
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.cost: float | None = None
@@ -112,7 +110,6 @@ class Plan:
         self.first_error: ProviderError | None = None
         self.first_where = ""
         self.rate_limited: list[float] = []  # retry-after of deployments that said 429
-        self.timed_out = False
         # a stream keeps its deployment busy until it ends (``Stream`` calls ``end``)
         self.keep_busy = False
 
@@ -203,8 +200,9 @@ class Plan:
         while True:
             budget = self.deadline - _perf()
             if budget <= 0:
-                self.timed_out = True
-                raise ProviderError(TIMEOUT, "the request's total deadline passed")
+                late = ProviderError(TIMEOUT, "the request's total deadline passed")
+                self._remember(late, dep)
+                raise late
             index, key = keys.pick()
             if index == -2:
                 raise ProviderError(AUTH, "every API key of this provider is set aside")
@@ -270,8 +268,6 @@ class Plan:
             dep.provider.keys.hold(key_index, 300.0)
             dep.released_probe()
         elif kind in _UNWELL:
-            if kind == TIMEOUT:
-                self.timed_out = True
             if dep.failed(group.breaker) and api.metrics is not None:
                 api.metrics.breaker_opened(dep.label)
         else:
@@ -281,7 +277,7 @@ class Plan:
         first = self.first_error
         if first is not None and first.kind not in (RATE_LIMITED, OVERLOADED):
             err = from_provider(first, self.first_where)
-            if self.timed_out and first.kind == TIMEOUT:
+            if first.kind == TIMEOUT:
                 return err
             err.message = f"no deployment could answer; first failure: {err.message}"
             return err

@@ -12,7 +12,8 @@ import orjson
 
 from piuptime.http1.client import Response, UpstreamError
 from piuptime.http1.errors import ClientDisconnected
-from piuptime.llm import anthropic_api, tokens
+from piuptime.llm import anthropic_api
+from piuptime.llm.accounting import tokens_of
 from piuptime.llm.exchange import MAX_ERROR_BODY, SHAPE_ERRORS, read_all, send, translated
 from piuptime.llm.groups import DeploymentState, Group
 from piuptime.llm.plan import Outcome, Plan
@@ -61,7 +62,6 @@ class Stream:
         self.body = body
         self.group = group
         self.outcome = outcome
-        self.front = front
         self.estimate = estimate
         options = body.get("stream_options")
         self.include_usage = (
@@ -320,15 +320,9 @@ class Stream:
     def _settle(self, decoder: Any, dep: DeploymentState) -> dict[str, int]:
         """Tokens of this answer: the provider's usage, else counted here."""
         outcome = self.outcome
-        usage = decoder.usage
-        if isinstance(usage, dict) and usage.get("prompt_tokens") is not None:
-            prompt = int(usage.get("prompt_tokens") or 0)
-            completion = int(usage.get("completion_tokens") or 0)
-            outcome.usage_source = "provider"
-        else:
-            prompt = tokens.count_chat_prompt(self.body)
-            completion = tokens.count_completion(decoder.text_out())
-            outcome.usage_source = "counted"
+        prompt, completion, outcome.usage_source = tokens_of(
+            decoder.usage, self.body, decoder.text_out
+        )
         self.api.account(outcome, dep, prompt, completion)
         prompt, completion = outcome.prompt_tokens, outcome.completion_tokens
         return {
