@@ -52,6 +52,7 @@ from .openai import (
     retry_after,
     split_data_url,
     usage_of,
+    with_key,
 )
 
 __all__ = ["GeminiAdapter", "GeminiStreamDecoder"]
@@ -115,6 +116,9 @@ _SIGNATURE_MARK = "_ts_"
 _ID_HEX = 24
 
 
+_KEY_HEADER = b"x-goog-api-key"
+
+
 class GeminiAdapter:
     kind = "gemini"
     supports_embeddings = True
@@ -133,11 +137,6 @@ class GeminiAdapter:
             (b"accept", b"text/event-stream"),
             *extra,
         ]
-
-    def _headers(self, base: Headers, key: str | None) -> Headers:
-        if key is None:
-            return list(base)
-        return [*base, (b"x-goog-api-key", key.encode("latin-1"))]
 
     def _path(self, model: str, method: str) -> bytes:
         if model.startswith("models/"):
@@ -189,10 +188,10 @@ class GeminiAdapter:
                 out[name] = merged[name]
         if stream:
             path = self._path(deployment.model, "streamGenerateContent?alt=sse")
-            headers = self._headers(self._sse_headers, key)
+            headers = with_key(self._sse_headers, key, _KEY_HEADER, b"")
         else:
             path = self._path(deployment.model, "generateContent")
-            headers = self._headers(self._json_headers, key)
+            headers = with_key(self._json_headers, key, _KEY_HEADER, b"")
         return WireRequest(b"POST", path, headers, orjson.dumps(out))
 
     def chat_response(self, data: bytes, deployment: Deployment) -> dict[str, Any]:
@@ -269,7 +268,7 @@ class GeminiAdapter:
             if field in merged:
                 extra[field] = merged[field]
         requests = [{"model": name, "content": {"parts": [{"text": t}]}, **extra} for t in texts]
-        headers = self._headers(self._json_headers, key)
+        headers = with_key(self._json_headers, key, _KEY_HEADER, b"")
         return WireRequest(
             b"POST",
             self._path(model, "batchEmbedContents"),

@@ -47,6 +47,7 @@ from .openai import (
     retry_after,
     split_data_url,
     usage_of,
+    with_key,
 )
 
 __all__ = ["OllamaAdapter", "OllamaStreamDecoder"]
@@ -85,11 +86,6 @@ class OllamaAdapter:
             (b"accept", b"application/x-ndjson"),
             *extra,
         ]
-
-    def _headers(self, base: Headers, key: str | None) -> Headers:
-        if key is None:
-            return list(base)
-        return [*base, (b"authorization", b"Bearer " + key.encode("latin-1"))]
 
     # chat
 
@@ -132,7 +128,7 @@ class OllamaAdapter:
         for name in _PASSTHROUGH:
             if name in merged:
                 out[name] = merged[name]
-        headers = self._headers(self._ndjson_headers if stream else self._json_headers, key)
+        headers = with_key(self._ndjson_headers if stream else self._json_headers, key)
         return WireRequest(b"POST", self._chat_path, headers, orjson.dumps(out))
 
     def chat_response(self, data: bytes, deployment: Deployment) -> dict[str, Any]:
@@ -188,7 +184,7 @@ class OllamaAdapter:
         for name in ("dimensions", "truncate", "keep_alive", "options"):
             if name in merged:
                 out[name] = merged[name]
-        headers = self._headers(self._json_headers, key)
+        headers = with_key(self._json_headers, key)
         return WireRequest(b"POST", self._embed_path, headers, orjson.dumps(out))
 
     def embeddings_response(self, data: bytes, deployment: Deployment) -> dict[str, Any]:

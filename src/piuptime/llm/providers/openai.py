@@ -79,6 +79,15 @@ def extra_headers(cfg: LlmProvider) -> Headers:
     return [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in cfg.headers.items()]
 
 
+def with_key(
+    base: Headers, key: str | None, name: bytes = b"authorization", prefix: bytes = b"Bearer "
+) -> Headers:
+    """``base`` (a fresh list) plus the API key's header, when there is a key."""
+    if key is None:
+        return list(base)
+    return [*base, (name, prefix + key.encode("latin-1"))]
+
+
 def header(headers: Headers, name: bytes) -> bytes | None:
     """The first value of header ``name`` (lower-case), compared case-insensitively."""
     for key, value in headers:
@@ -245,11 +254,6 @@ class OpenAIAdapter:
             *extra,
         ]
 
-    def _headers(self, base: Headers, key: str | None) -> Headers:
-        if key is None:
-            return list(base)
-        return [*base, (b"authorization", b"Bearer " + key.encode("latin-1"))]
-
     # chat
 
     def chat_request(
@@ -270,11 +274,11 @@ class OpenAIAdapter:
                 out["stream_options"] = {**options, "include_usage": True}
             else:
                 out["stream_options"] = {"include_usage": True}
-            headers = self._headers(self._sse_headers, key)
+            headers = with_key(self._sse_headers, key)
         else:
             out.pop("stream", None)
             out.pop("stream_options", None)
-            headers = self._headers(self._json_headers, key)
+            headers = with_key(self._json_headers, key)
         return WireRequest(b"POST", self._chat_path, headers, orjson.dumps(out))
 
     def chat_response(self, data: bytes, deployment: Deployment) -> dict[str, Any]:
@@ -317,7 +321,7 @@ class OpenAIAdapter:
         params = deployment.params
         out = {**params, **body} if params else {**body}
         out["model"] = deployment.model
-        headers = self._headers(self._json_headers, key)
+        headers = with_key(self._json_headers, key)
         return WireRequest(b"POST", self._embeddings_path, headers, orjson.dumps(out))
 
     def embeddings_response(self, data: bytes, deployment: Deployment) -> dict[str, Any]:
