@@ -15,39 +15,23 @@ from tests.llm.fakes import FakeAnthropic, FakeGemini, FakeOllama, FakeOpenAI
 
 @pytest.fixture
 async def fake_openai() -> AsyncIterator[FakeOpenAI]:
-    fake = FakeOpenAI()
-    await fake.start()
-    try:
+    async with FakeOpenAI() as fake:
         yield fake
-    finally:
-        await fake.stop()
 
 
 @pytest.fixture
 async def fake_anthropic() -> AsyncIterator[FakeAnthropic]:
-    fake = FakeAnthropic()
-    await fake.start()
-    try:
+    async with FakeAnthropic() as fake:
         yield fake
-    finally:
-        await fake.stop()
 
 
 @pytest.fixture
 async def fake_gemini() -> AsyncIterator[FakeGemini]:
-    fake = FakeGemini()
-    await fake.start()
-    try:
+    async with FakeGemini() as fake:
         yield fake
-    finally:
-        await fake.stop()
 
 
 @pytest.fixture
 async def fake_ollama() -> AsyncIterator[FakeOllama]:
-    fake = FakeOllama()
-    await fake.start()
-    try:
+    async with FakeOllama() as fake:
         yield fake
-    finally:
-        await fake.stop()

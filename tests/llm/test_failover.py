@@ -42,12 +42,8 @@ TIMEOUTS = "  timeouts: {connect: 1s, first_byte: 1s, first_token: 1s, idle: 1s,
 
 @pytest.fixture
 async def second_openai() -> AsyncIterator[FakeOpenAI]:
-    fake = FakeOpenAI()
-    await fake.start()
-    try:
+    async with FakeOpenAI() as fake:
         yield fake
-    finally:
-        await fake.stop()
 
 
 def two_deployments(
