@@ -28,6 +28,8 @@ from piuptime.config import Config, ConfigError, load_config
 from piuptime.config.schema import Listener
 from piuptime.configstore import ConfigService, ConfigStoreError, InvalidChange, Issue, Loaded
 from piuptime.gateway.consumers import Consumers
+from piuptime.gateway.lane import FastLane
+from piuptime.gateway.lane import attach as attach_lane
 from piuptime.gateway.plugins import PluginEnv
 from piuptime.gateway.proxy import ProxyHandler
 from piuptime.gateway.runtime import Runtime, compile_runtime, retired_upstreams
@@ -104,6 +106,8 @@ class App:
         self.notifier = notifier or Notifier()
         self.watch_interval = watch_interval
         self.servers: list[Server] = []
+        self.lanes: list[FastLane] = []  # the C fast lane of each plain-TCP listener
+        self._fast_lane = config.gateway.fast_lane
         self.admin: AdminServer | None = None  # the admin listener, when config.admin is set
         self.reloads = ReloadStats()
         self.runtime: Runtime | None = None
@@ -150,6 +154,10 @@ class App:
         for listener in self.config.gateway.listen:
             ctx = tls_context(listener)
             server = Server(self.handler.handle, limits, ssl=ctx, on_error=self._on_error)
+            if ctx is None and self.config.gateway.fast_lane:
+                lane = attach_lane(server, self.handler, limits)
+                if lane is not None:
+                    self.lanes.append(lane)
             await server.listen(listener.host, listener.port)
             self.servers.append(server)
             self._tls.append(ctx)
@@ -301,6 +309,10 @@ class App:
         if config.analytics != self._analytics_section:
             log.warning("analytics changed; restart the process to apply it")
         self.handler.tracer.reconfigure(config.tracing)
+        for lane in self.lanes:
+            lane.configure(new_runtime, limits)
+        if config.gateway.fast_lane != self._fast_lane:
+            log.warning("gateway.fast_lane changed; restart the process to apply it")
         if self.admin is not None:
             self.admin.reconfigure(config.admin)  # a new token applies; a new address warns
         elif config.admin is not None:
@@ -449,6 +461,8 @@ class App:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watch_task
         await self.config_service.stop_watch()
+        for lane in self.lanes:
+            lane.drain()
         for server in self.servers:
             server.close_listeners()
         timeout = self.config.gateway.drain_timeout
@@ -457,6 +471,8 @@ class App:
             log.warning("drain timeout (%.1fs) reached; closing remaining connections", timeout)
         for server in self.servers:
             server.abort_all()
+        for lane in self.lanes:
+            lane.close()
         if self.admin is not None:
             await self.admin.aclose()
         await self.config_service.aclose()

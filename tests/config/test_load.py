@@ -243,7 +243,7 @@ CASES = [
      + ", ".join(Config.model_fields) + ")"),
     ("unknown nested key", "gateway:\n  limts: {}\n",
      "t.yaml:2:3: gateway.limts: unknown key 'limts'; did you mean 'limits'? (expected one of: "
-     "listen, limits, access_log, drain_timeout, via, trusted_proxies)"),
+     "listen, limits, access_log, drain_timeout, fast_lane, via, trusted_proxies)"),
     ("unknown key in a flow mapping", "gateway: {limits: {max_body: 1KiB}}\n",
      "t.yaml:1:20: gateway.limits.max_body: unknown key 'max_body'; did you mean "
      "'max_body_bytes'? (expected one of: max_header_bytes, max_header_count, max_body_bytes, "

@@ -246,6 +246,8 @@ class GatewayConfig(BaseModel):
     limits: Annotated[Limits, _Section] = Field(default_factory=Limits)
     access_log: Annotated[AccessLog, _Section] = Field(default_factory=AccessLog)
     drain_timeout: Duration = 30.0
+    # the C fast lane for plain proxied requests (docs/internals.md); off: Python path only
+    fast_lane: bool = True
     via: str = "piuptime"
     # proxies whose X-Forwarded-For is believed: the client address used by ip_restriction,
     # rate limits and the access log is the right-most X-Forwarded-For entry not in this list

@@ -31,6 +31,7 @@ from piuptime.http1.client import (
     PendingExchange,
     PoolTimeout,
     ReadTimeout,
+    RemoteProtocolError,
     Response,
     UpstreamError,
 )
@@ -85,6 +86,8 @@ class ProxyHandler:
         need not wait, with an idle pooled connection to its target, is completed through
         callbacks (``_Exchange``), without a task; everything else (bodies, retries, waits)
         returns a coroutine for the server to run."""
+        if req.resume is not None:
+            return self._resumed(req, resp)
         rt = self.runtime
         match = rt.router.match(req.method, req.host, req.path, req.headers)
         if match is None:
@@ -206,6 +209,42 @@ class ProxyHandler:
             req, resp, route, target, rt.via, path, headers, key, ctx=ctx, trace=trace
         )
 
+    def _resumed(self, req: Request, resp: Responder) -> Awaitable[None] | None:
+        """A request the fast lane began (``gateway.lane``): its attempt on ``target`` did not
+        give an answer to relay; carry on from there as if this path had made it."""
+        attempt = req.resume
+        assert isinstance(attempt, LaneAttempt)
+        req.resume = None
+        req.start_time = attempt.start_time
+        route, match, target = attempt.route, attempt.match, attempt.target
+        upstream = route.upstream
+        if attempt.kind == "busy":
+            # the lane's connections to the target were all taken: queue here (max_pending)
+            upstream.abandon(target)
+            req.resume = None
+            return self._dispatch(req, resp, route, match, None, False)
+        if route.max_body_bytes is not None:
+            req.max_body_bytes = route.max_body_bytes
+        path = route.upstream_path(req.path, req.query, match)
+        headers = attempt.fields  # what the lane sent: a retry sends the same fields
+        at = headers.find(b"traceparent: ")
+        trace = self.tracer.start(headers[at + 13 : at + 68] if at >= 0 else None, None)
+        trace.route_path = match.spec.path
+        return self._forward(
+            req,
+            resp,
+            route,
+            target,
+            self.runtime.via,
+            path,
+            headers,
+            None,
+            attempt,
+            attempt.sent_time,
+            None,
+            trace,
+        )
+
     async def _handled(
         self, req: Request, resp: Responder, route: CompiledRoute, ctx: Ctx | None
     ) -> None:
@@ -234,7 +273,7 @@ class ProxyHandler:
         path: bytes,
         headers: list[tuple[bytes, bytes]] | bytes,
         key: bytes | None,
-        pending: PendingExchange | None = None,
+        pending: PendingExchange | LaneAttempt | None = None,
         t0: float = 0.0,
         ctx: Ctx | None = None,
         trace: Trace | None = None,
@@ -263,7 +302,7 @@ class ProxyHandler:
         path: bytes,
         headers: list[tuple[bytes, bytes]] | bytes,
         key: bytes | None,
-        pending: PendingExchange | None,
+        pending: PendingExchange | LaneAttempt | None,
         t0: float,
         ctx: Ctx | None = None,
         trace: Trace | None = None,
@@ -802,6 +841,69 @@ async def _stream_body(req: Request) -> AsyncIterator[bytes]:
         if not chunk:
             return
         yield chunk
+
+
+class LaneAttempt:
+    """What the fast lane did with a request it hands to this path: the route and match it
+    resolved, the target it picked (``UpstreamRuntime.begin`` already called), and how the
+    attempt ended: ``kind`` ``busy`` (the lane had no free connection: nothing was tried),
+    ``connect``, ``connect_timeout``, ``reset``, ``timeout``, ``protocol`` (an error) or
+    ``status`` (a retryable answer, kept whole in ``answer``); ``fields``: the header fields
+    it sent, which a retry sends again. The proxy continues as if its
+    own first attempt had ended so (``wait_response``)."""
+
+    __slots__ = (
+        "answer",
+        "fields",
+        "kind",
+        "match",
+        "route",
+        "sent",
+        "sent_time",
+        "start_time",
+        "target",
+    )
+
+    def __init__(
+        self,
+        route: CompiledRoute,
+        match: Match,
+        target: Target,
+        kind: str,
+        sent: bool,
+        start_time: float,
+        sent_time: float,
+        answer: Response | None,
+        fields: bytes,
+    ) -> None:
+        self.fields = fields  # the header fields the lane sent (``name: value\r\n`` lines)
+        self.route = route
+        self.match = match
+        self.target = target
+        self.kind = kind
+        self.sent = sent
+        self.start_time = start_time
+        self.sent_time = sent_time
+        self.answer = answer
+
+    async def wait_response(self) -> Response:
+        if self.answer is not None:
+            return self.answer
+        kind = self.kind
+        label = self.target.label
+        if kind == "connect":
+            raise ConnectError(f"cannot connect to {label}")
+        if kind == "connect_timeout":
+            raise ConnectTimeout(f"connecting to {label} timed out")
+        if kind == "timeout":
+            raise ReadTimeout(f"{label} sent no answer in time", request_sent=True)
+        if kind == "protocol":
+            raise RemoteProtocolError(
+                f"{label} sent a malformed answer", request_sent=True, response_started=True
+            )
+        raise UpstreamError(
+            f"{label} closed the connection before answering", request_sent=self.sent
+        )
 
 
 class _Busy(UpstreamError):

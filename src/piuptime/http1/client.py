@@ -23,7 +23,7 @@ import ssl
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import httptools
 
@@ -179,6 +179,18 @@ class Response:
         self._until_eof = False  # body delimited by the connection closing
         self._error: UpstreamError | None = None
         self._waiter: asyncio.Future[None] | None = None
+
+    @classmethod
+    def whole(
+        cls, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], body: bytes
+    ) -> Response:
+        """A complete answer already in memory, on no connection (the fast lane hands a
+        retryable one to the Python path this way)."""
+        resp = cls(None, status, reason, b"1.1", headers, len(body), False, True)  # type: ignore[arg-type]
+        if body:
+            resp._chunks.append(body)
+        resp._done = True
+        return resp
 
     def __repr__(self) -> str:
         return f"<Response {self.status} {self.reason.decode('latin-1')!r}>"
@@ -1082,6 +1094,7 @@ class Pool:
         "_waiters",
         "opened_total",
         "scheme",
+        "shared",
     )
 
     def __init__(self, scheme: str, host: str, port: int, options: PoolOptions) -> None:
@@ -1100,12 +1113,27 @@ class Pool:
         self._closed = False
         self._sweeper: asyncio.TimerHandle | None = None
         self.opened_total = 0
+        # another client's connections to the same target that count against
+        # max_connections (the gateway's fast lane): ``.connections``, ``.close_one_idle()``
+        self.shared: Any = None
 
     def __repr__(self) -> str:
         return (
             f"<Pool {self.scheme}://{self._host}:{self._port} in_use={self.in_use} "
             f"idle={self.idle}>"
         )
+
+    @property
+    def host(self) -> str:
+        return self._host
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def options(self) -> PoolOptions:
+        return self._options
 
     @property
     def in_use(self) -> int:
@@ -1123,7 +1151,24 @@ class Pool:
     @property
     def full(self) -> bool:
         """Every connection slot is taken: a new request would queue."""
-        return self._open >= self._options.max_connections and not self._idle
+        return self._open + self._shared_open() >= self._options.max_connections and not self._idle
+
+    @property
+    def open(self) -> int:
+        """Connections open or opening (busy and idle)."""
+        return self._open
+
+    def _shared_open(self) -> int:
+        shared = self.shared
+        return 0 if shared is None else int(shared.connections)
+
+    def close_one_idle(self) -> bool:
+        """Close the least recently used idle connection, freeing its slot for whoever shares
+        ``max_connections`` with this pool; False when none is idle."""
+        if not self._idle:
+            return False
+        self._discard(self._idle.popleft())
+        return True
 
     async def request(
         self,
@@ -1266,7 +1311,10 @@ class Pool:
             conn = self._pop_idle()
             if conn is not None:
                 return conn
-        if self._open < self._options.max_connections:
+        limit = self._options.max_connections
+        if self._open + self._shared_open() < limit or (
+            self._open < limit and self.shared is not None and self.shared.close_one_idle()
+        ):
             self._open += 1
             return await self._connect()
         grant = await self._wait_turn()

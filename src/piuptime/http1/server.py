@@ -193,6 +193,7 @@ class Request:
         "method",
         "path",
         "query",
+        "resume",
         "start_time",
         "target",
         "tls",
@@ -232,6 +233,9 @@ class Request:
         self._error: RequestError | None = None
         self._resp: Responder | None = None
         self._continue_sent = False
+        # opaque to this layer: what another protocol that started the connection (the
+        # gateway's fast lane) already did with this request; set on the first request only
+        self.resume: object = None
 
     def __repr__(self) -> str:
         return f"<Request {self.method!r} {self.target!r} HTTP/{self.version.decode()}>"
@@ -696,6 +700,7 @@ class _Connection(asyncio.Protocol):
         "_read_size",
         "_reframe",
         "_reject",
+        "_resume",
         "_server",
         "_task",
         "_timer",
@@ -751,6 +756,7 @@ class _Connection(asyncio.Protocol):
         self._pending: tuple[int, str, str, Request | None] | None = None
         self._reject: tuple[int, str, str] | None = None
         self._tunnel: Tunnel | None = None
+        self._resume: object = None  # for the first request (see Server.adopt)
 
     # -- asyncio.Protocol ----------------------------------------------------------------------
 
@@ -845,7 +851,10 @@ class _Connection(asyncio.Protocol):
             raise _Abort  # no request after the last one (close) is parsed
         limits = self._server.limits
         self._limits = limits
-        self._head = Request(self, limits.max_body_bytes)
+        self._head = req = Request(self, limits.max_body_bytes)
+        if self._resume is not None:
+            req.resume = self._resume
+            self._resume = None
         self._head_new = True
         self._host_seen = False
         self._trailers = 0
@@ -1433,7 +1442,12 @@ class Server:
         self._ssl = ssl
         self._on_error = on_error
         self._servers: list[asyncio.Server] = []
-        self._connections: set[_Connection] = set()
+        # every open client connection: ours, and those of a protocol set by
+        # ``protocol_factory`` (which offer ``_closing``, ``_transport`` and ``_drain_now()``)
+        self._connections: set[Any] = set()
+        # makes the protocol of each accepted connection instead of ours (the gateway's fast
+        # lane); that protocol may give a connection back with ``adopt``
+        self.protocol_factory: Callable[[], asyncio.Protocol] | None = None
         self._draining = False
         self._all_closed: asyncio.Future[None] | None = None
         self.active_requests = 0
@@ -1470,8 +1484,35 @@ class Server:
             )
         self._servers.append(srv)
 
-    def _protocol(self) -> _Connection:
+    def _protocol(self) -> asyncio.Protocol:
+        factory = self.protocol_factory
+        if factory is not None:
+            return factory()
         return _Connection(self)
+
+    def adopt(
+        self,
+        transport: asyncio.Transport,
+        data: bytes,
+        resume: object = None,
+        *,
+        eof: bool = False,
+        write_paused: bool = False,
+    ) -> None:
+        """Take over a connection another protocol accepted: ``data`` are the bytes it read
+        and did not consume (parsed from the start of a request), ``resume`` goes to the first
+        request parsed (``Request.resume``), ``eof``: the client already half-closed."""
+        conn = _Connection(self)
+        conn._resume = resume
+        transport.set_protocol(conn)
+        conn.connection_made(transport)
+        if write_paused:
+            conn.pause_writing()
+        if data and not conn._closing:
+            conn.data_received(data)
+        if eof and not conn._closed and not conn.eof_received():
+            conn._closing = True
+            transport.close()
 
     def close_listeners(self) -> None:
         """Stop accepting; idle keep-alive connections close now, busy ones after their answer."""
