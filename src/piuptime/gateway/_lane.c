@@ -176,6 +176,90 @@ static void hex64(char *out, uint64_t v) {
     }
 }
 
+/* SHA-256 (FIPS 180-4): API keys are looked up by their digest, as consumers.py keeps them */
+static const uint32_t K256[64] = {
+    0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,
+    0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174,
+    0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f, 0x4a7484aa, 0x5cb0a9dc, 0x76f988da,
+    0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7, 0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967,
+    0x27b70a85, 0x2e1b2138, 0x4d2c6dfc, 0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85,
+    0xa2bfe8a1, 0xa81a664b, 0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070,
+    0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
+    0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7, 0xc67178f2,
+};
+
+#define ROR32(x, n) (((x) >> (n)) | ((x) << (32 - (n))))
+
+static void sha256_block(uint32_t h[8], const unsigned char *p) {
+    uint32_t w[64];
+    for (int i = 0; i < 16; i++)
+        w[i] = (uint32_t)p[4 * i] << 24 | (uint32_t)p[4 * i + 1] << 16 |
+               (uint32_t)p[4 * i + 2] << 8 | (uint32_t)p[4 * i + 3];
+    for (int i = 16; i < 64; i++) {
+        uint32_t s0 = ROR32(w[i - 15], 7) ^ ROR32(w[i - 15], 18) ^ (w[i - 15] >> 3);
+        uint32_t s1 = ROR32(w[i - 2], 17) ^ ROR32(w[i - 2], 19) ^ (w[i - 2] >> 10);
+        w[i] = w[i - 16] + s0 + w[i - 7] + s1;
+    }
+    uint32_t a = h[0], b = h[1], c = h[2], d = h[3], e = h[4], f = h[5], g = h[6], k = h[7];
+    for (int i = 0; i < 64; i++) {
+        uint32_t S1 = ROR32(e, 6) ^ ROR32(e, 11) ^ ROR32(e, 25);
+        uint32_t ch = (e & f) ^ (~e & g);
+        uint32_t t1 = k + S1 + ch + K256[i] + w[i];
+        uint32_t S0 = ROR32(a, 2) ^ ROR32(a, 13) ^ ROR32(a, 22);
+        uint32_t mj = (a & b) ^ (a & c) ^ (b & c);
+        uint32_t t2 = S0 + mj;
+        k = g;
+        g = f;
+        f = e;
+        e = d + t1;
+        d = c;
+        c = b;
+        b = a;
+        a = t1 + t2;
+    }
+    h[0] += a;
+    h[1] += b;
+    h[2] += c;
+    h[3] += d;
+    h[4] += e;
+    h[5] += f;
+    h[6] += g;
+    h[7] += k;
+}
+
+static void sha256(const unsigned char *data, size_t n, unsigned char out[32]) {
+    uint32_t h[8] = {0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a,
+                     0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19};
+    size_t i = 0;
+    for (; i + 64 <= n; i += 64) sha256_block(h, data + i);
+    unsigned char tail[128];
+    size_t rest = n - i;
+    memcpy(tail, data + i, rest);
+    tail[rest] = 0x80;
+    size_t len = rest + 1 <= 56 ? 64 : 128;
+    memset(tail + rest + 1, 0, len - rest - 1);
+    uint64_t bits = (uint64_t)n * 8;
+    for (int j = 0; j < 8; j++) tail[len - 1 - j] = (unsigned char)(bits >> (8 * j));
+    sha256_block(h, tail);
+    if (len == 128) sha256_block(h, tail + 64);
+    for (int j = 0; j < 8; j++) {
+        out[4 * j] = (unsigned char)(h[j] >> 24);
+        out[4 * j + 1] = (unsigned char)(h[j] >> 16);
+        out[4 * j + 2] = (unsigned char)(h[j] >> 8);
+        out[4 * j + 3] = (unsigned char)h[j];
+    }
+}
+
+/* lane's own check that the SHA-256 above is right (run at import) */
+static int sha256_selftest(void) {
+    static const unsigned char abc[32] = {
+        0xba, 0x78, 0x16, 0xbf, 0x8f, 0x01, 0xcf, 0xea, 0x41, 0x41, 0x40, 0xde, 0x5d, 0xae, 0x22, 0x23,
+        0xb0, 0x03, 0x61, 0xa3, 0x96, 0x17, 0x7a, 0x9c, 0xb4, 0x10, 0xff, 0x61, 0xf2, 0x00, 0x15, 0xad};
+    unsigned char out[32];
+    sha256((const unsigned char *)"abc", 3, out);
+    return memcmp(out, abc, 32) == 0;
+}
+
 static time_t date_second = 0;
 static char date_line[64]; /* "date: Wed, 02 Dec 2026 16:27:26 GMT\r\n" */
 static Py_ssize_t date_len = 0;
@@ -222,7 +306,8 @@ struct Lane {
     PyObject_HEAD
     PyObject *resolve;   /* (method, host, path) -> LaneRoute | None */
     PyObject *pick;      /* (route) -> LaneTarget | None; books the attempt's start */
-    PyObject *done;      /* (route, target, status, bytes, t_start, t_sent, t_head, t_end, request_id, trace_id, method, path) */
+    PyObject *done;      /* (route, target, status, bytes, t_start, t_sent, t_head, t_end,
+                          * request_id, trace_id, method, path, consumer, log line) */
     PyObject *connect;   /* (target) -> None: opens a connection, then target.connected(up) */
     PyObject *handover;  /* (conn, transport, data, resume) -> None */
     PyObject *server;    /* the http1 Server: its _connections set and _check_drained() */
@@ -233,6 +318,9 @@ struct Lane {
     double sample_ratio;
     int enabled;
     int draining;
+    int log_lines;       /* write each request's access-log line here (done() gets it) */
+    char id_prefix[13];  /* request ids made here: <12 hex>-<counter in hex> */
+    unsigned long long ids;
     LaneConn *conns; /* live client connections (for the sweep and draining) */
     unsigned long long requests, handovers, cache_misses;
 };
@@ -246,6 +334,18 @@ struct LaneRoute {
     PyObject *retry_statuses; /* frozenset of int */
     double ttfb_timeout, read_timeout, total_timeout;
     Py_ssize_t max_body_bytes;
+    /* key_auth's success path (NULL: no key_auth): where the key is looked for, and the
+     * consumers by key digest: digest -> (digest, consumer name, upstream header fields) */
+    PyObject *keys;
+    PyObject *key_headers; /* tuple of lower-case names, in order of preference */
+    PyObject *key_query;   /* tuple of query parameter names */
+    int key_bearer;
+    int key_hide;          /* hide_credentials: the key does not go upstream */
+    PyObject *log_head;    /* `"route":...,` JSON fragments of the access log (bytes) */
+    PyObject *log_upstream;
+    /* the rest of the access phase (the memory rate limit): (consumer name or None,
+     * client address) -> response header fields to add, or None: refused (Python path) */
+    PyObject *access;
 };
 
 struct LaneTarget {
@@ -254,6 +354,7 @@ struct LaneTarget {
     PyObject *authority;  /* bytes */
     PyObject *lane;       /* the Lane it connects through */
     PyObject *pool;       /* the Python path's pool of the same target: shares max_connections */
+    PyObject *log_label;  /* the target's label as a JSON string (bytes) */
     UpConn **idle;
     Py_ssize_t n_idle, cap_idle;
     Py_ssize_t conns, max_conns, max_idle;
@@ -263,6 +364,7 @@ struct LaneTarget {
     Py_ssize_t connecting;
 };
 
+enum { HIDE_NONE, HIDE_HEADERS, HIDE_AUTHORIZATION, HIDE_QUERY };
 enum { S_IDLE, S_WAIT_CONN, S_SENT, S_BODY, S_DONE_CLOSE, S_HANDED, S_CLOSED };
 enum { F_NONE, F_LENGTH, F_CHUNKED, F_EOF };
 enum { CH_SIZE, CH_EXT, CH_SIZE_LF, CH_DATA, CH_DATA_CR, CH_DATA_LF, CH_TRAILER, CH_TRAILER_LF, CH_END };
@@ -286,6 +388,9 @@ struct LaneConn {
     PyObject *request;   /* bytes sent upstream (kept for one re-send on a fresh connection) */
     PyObject *method, *path, *request_id, *trace_id;
     Py_ssize_t fields_off, fields_len; /* the header fields within `request` */
+    PyObject *consumer;      /* (name, upstream header fields) of key_auth's consumer */
+    PyObject *resp_fields;   /* response header fields the access phase added (bytes) */
+    int hide;                /* where the key was, to leave it out upstream: HIDE_* */
     double t_start, t_sent, t_head, last_read;
     int status;
     long long bytes_sent;
@@ -340,14 +445,34 @@ static void t_call(PyObject *transport, PyObject *name) {
 static int route_init(LaneRoute *self, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"payload", "path", "host", "host_target", "retry_statuses",
                              "ttfb_timeout", "read_timeout", "total_timeout", "max_body_bytes",
-                             NULL};
+                             "keys", "key_headers", "key_query", "key_bearer", "key_hide",
+                             "access", "log_route", "log_upstream", NULL};
     PyObject *payload, *path, *host, *retry;
-    int host_target;
+    PyObject *keys = Py_None, *key_headers = NULL, *key_query = NULL, *access = Py_None;
+    PyObject *log_route = NULL, *log_upstream = NULL;
+    int host_target, key_bearer = 0, key_hide = 0;
     double ttfb, read, total;
     Py_ssize_t max_body;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OSOpOdddn", kwlist, &payload, &path, &host,
-                                     &host_target, &retry, &ttfb, &read, &total, &max_body))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OSOpOdddn|OO!O!ppOSS", kwlist, &payload, &path,
+                                     &host, &host_target, &retry, &ttfb, &read, &total, &max_body,
+                                     &keys, &PyTuple_Type, &key_headers, &PyTuple_Type,
+                                     &key_query, &key_bearer, &key_hide, &access, &log_route,
+                                     &log_upstream))
         return -1;
+    if (keys != Py_None && !PyDict_Check(keys)) {
+        PyErr_SetString(PyExc_TypeError, "keys must be a dict or None");
+        return -1;
+    }
+    Py_XSETREF(self->keys, keys == Py_None ? NULL : Py_NewRef(keys));
+    Py_XSETREF(self->key_headers, key_headers ? Py_NewRef(key_headers) : PyTuple_New(0));
+    Py_XSETREF(self->key_query, key_query ? Py_NewRef(key_query) : PyTuple_New(0));
+    Py_XSETREF(self->access, access == Py_None ? NULL : Py_NewRef(access));
+    self->key_bearer = key_bearer;
+    self->key_hide = key_hide;
+    Py_XSETREF(self->log_head, log_route ? Py_NewRef(log_route) : PyBytes_FromString("null"));
+    Py_XSETREF(self->log_upstream, log_upstream ? Py_NewRef(log_upstream) : PyBytes_FromString("null"));
+    if (self->log_head == NULL || self->log_upstream == NULL) return -1;
+    if (self->key_headers == NULL || self->key_query == NULL) return -1;
     if (host != Py_None && !PyBytes_Check(host)) {
         PyErr_SetString(PyExc_TypeError, "host must be bytes or None");
         return -1;
@@ -373,6 +498,12 @@ static int route_traverse(LaneRoute *self, visitproc visit, void *arg) {
     Py_VISIT(self->path);
     Py_VISIT(self->host);
     Py_VISIT(self->retry_statuses);
+    Py_VISIT(self->keys);
+    Py_VISIT(self->key_headers);
+    Py_VISIT(self->key_query);
+    Py_VISIT(self->access);
+    Py_VISIT(self->log_head);
+    Py_VISIT(self->log_upstream);
     return 0;
 }
 
@@ -381,6 +512,12 @@ static int route_clear(LaneRoute *self) {
     Py_CLEAR(self->path);
     Py_CLEAR(self->host);
     Py_CLEAR(self->retry_statuses);
+    Py_CLEAR(self->keys);
+    Py_CLEAR(self->key_headers);
+    Py_CLEAR(self->key_query);
+    Py_CLEAR(self->access);
+    Py_CLEAR(self->log_head);
+    Py_CLEAR(self->log_upstream);
     return 0;
 }
 
@@ -427,13 +564,16 @@ static void up_relay(UpConn *u);
 
 static int target_init(LaneTarget *self, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"lane", "payload", "authority", "pool", "max_connections",
-                             "max_idle", "idle_timeout", NULL};
-    PyObject *lane, *payload, *authority, *pool;
+                             "max_idle", "idle_timeout", "log_label", NULL};
+    PyObject *lane, *payload, *authority, *pool, *log_label = NULL;
     Py_ssize_t max_conns, max_idle;
     double idle_timeout;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!OSOnnd", kwlist, &LaneType, &lane, &payload,
-                                     &authority, &pool, &max_conns, &max_idle, &idle_timeout))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!OSOnnd|S", kwlist, &LaneType, &lane, &payload,
+                                     &authority, &pool, &max_conns, &max_idle, &idle_timeout,
+                                     &log_label))
         return -1;
+    Py_XSETREF(self->log_label, log_label ? Py_NewRef(log_label) : PyBytes_FromString("null"));
+    if (self->log_label == NULL) return -1;
     Py_INCREF(pool);
     Py_XSETREF(self->pool, pool);
     Py_INCREF(lane);
@@ -453,6 +593,7 @@ static int target_traverse(LaneTarget *self, visitproc visit, void *arg) {
     Py_VISIT(self->authority);
     Py_VISIT(self->lane);
     Py_VISIT(self->pool);
+    Py_VISIT(self->log_label);
     for (Py_ssize_t i = 0; i < self->n_idle; i++) Py_VISIT((PyObject *)self->idle[i]);
     for (Py_ssize_t i = 0; i < self->n_waiting; i++) Py_VISIT((PyObject *)self->waiting[i]);
     return 0;
@@ -463,6 +604,7 @@ static int target_clear(LaneTarget *self) {
     Py_CLEAR(self->authority);
     Py_CLEAR(self->lane);
     Py_CLEAR(self->pool);
+    Py_CLEAR(self->log_label);
     while (self->n_idle > 0) {
         UpConn *u = self->idle[--self->n_idle];
         Py_DECREF(u);
@@ -894,6 +1036,9 @@ static int build_client_head(LaneConn *c, UpConn *u, const char *p, Py_ssize_t h
         }
         q = le + 2;
     }
+    if (c->resp_fields != NULL &&
+        buf_add(out, PyBytes_AS_STRING(c->resp_fields), PyBytes_GET_SIZE(c->resp_fields)) < 0)
+        goto fail;
     /* framing for the client */
     int keep = c->keep_alive && !lane->draining && !c->draining;
     if (!h->chunked && h->content_length >= 0) {
@@ -1326,6 +1471,9 @@ static void conn_clear_request(LaneConn *c) {
     Py_CLEAR(c->path);
     Py_CLEAR(c->request_id);
     Py_CLEAR(c->trace_id);
+    Py_CLEAR(c->consumer);
+    Py_CLEAR(c->resp_fields);
+    c->hide = HIDE_NONE;
     c->retried = 0;
     c->status = 0;
     c->bytes_sent = 0;
@@ -1343,6 +1491,8 @@ static int conn_traverse(LaneConn *self, visitproc visit, void *arg) {
     Py_VISIT(self->path);
     Py_VISIT(self->request_id);
     Py_VISIT(self->trace_id);
+    Py_VISIT(self->consumer);
+    Py_VISIT(self->resp_fields);
     return 0;
 }
 
@@ -1480,10 +1630,12 @@ static void conn_fail_attempt(LaneConn *c, const char *kind, int sent, PyObject 
         conn_abort(c);
         return;
     }
-    PyObject *resume = Py_BuildValue("(OOsiddONO)", c->route ? c->route->payload : Py_None,
-                                     c->target ? c->target->payload : Py_None, kind, sent,
-                                     c->t_start, c->t_sent, answer ? answer : Py_None, fields,
-                                     c->trace_id ? c->trace_id : Py_None);
+    PyObject *resume = Py_BuildValue(
+        "(OOsiddONOOO)", c->route ? c->route->payload : Py_None,
+        c->target ? c->target->payload : Py_None, kind, sent, c->t_start, c->t_sent,
+        answer ? answer : Py_None, fields, c->trace_id ? c->trace_id : Py_None,
+        c->consumer ? PyTuple_GET_ITEM(c->consumer, 1) : Py_None,
+        c->resp_fields ? c->resp_fields : Py_None);
     if (resume == NULL) {
         PyErr_WriteUnraisable((PyObject *)c);
         conn_abort(c);
@@ -1512,19 +1664,128 @@ static void conn_abort(LaneConn *c) {
     t_call(c->transport, s_abort);
 }
 
+/* A JSON string of bytes read as Latin-1 (what orjson makes of bytes.decode("latin-1")). */
+static int buf_json_latin1(Buf *b, const char *s, Py_ssize_t n) {
+    if (BUF_LIT(b, "\"") < 0) return -1;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned char ch = (unsigned char)s[i];
+        char esc[8];
+        if (ch == '"' || ch == '\\') {
+            esc[0] = '\\';
+            esc[1] = (char)ch;
+            if (buf_add(b, esc, 2) < 0) return -1;
+        } else if (ch < 0x20) {
+            int k = snprintf(esc, sizeof esc, "\\u%04x", ch);
+            if (ch == '\n') k = snprintf(esc, sizeof esc, "\\n");
+            else if (ch == '\r') k = snprintf(esc, sizeof esc, "\\r");
+            else if (ch == '\t') k = snprintf(esc, sizeof esc, "\\t");
+            else if (ch == '\b') k = snprintf(esc, sizeof esc, "\\b");
+            else if (ch == '\f') k = snprintf(esc, sizeof esc, "\\f");
+            if (buf_add(b, esc, k) < 0) return -1;
+        } else if (ch >= 0x80) {
+            esc[0] = (char)(0xc0 | (ch >> 6));
+            esc[1] = (char)(0x80 | (ch & 0x3f));
+            if (buf_add(b, esc, 2) < 0) return -1;
+        } else if (buf_add(b, (const char *)&ch, 1) < 0) {
+            return -1;
+        }
+    }
+    return BUF_LIT(b, "\"");
+}
+
+/* milliseconds as Python's round(x, 3) prints them: at most 3 decimals, at least one */
+static int buf_ms(Buf *b, double seconds) {
+    char tmp[48];
+    int n = snprintf(tmp, sizeof tmp, "%.3f", seconds * 1000.0);
+    while (n > 0 && tmp[n - 1] == '0' && tmp[n - 2] != '.') n--;
+    return buf_add(b, tmp, n);
+}
+
+static time_t log_second = -1;
+static char log_prefix[32]; /* 2026-12-02T17:13:22 */
+
+static Buf logline = {0};
+
+/* The access-log line of a request the lane answered (observe/accesslog.py's fields). */
+static PyObject *conn_log_line(LaneConn *c, double t_end) {
+    Lane *lane = c->lane;
+    Buf *b = &logline;
+    b->len = 0;
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    if (ts.tv_sec != log_second) {
+        struct tm tm;
+        gmtime_r(&ts.tv_sec, &tm);
+        strftime(log_prefix, sizeof log_prefix, "%Y-%m-%dT%H:%M:%S", &tm);
+        log_second = ts.tv_sec;
+    }
+    char tmp[64];
+    int n = snprintf(tmp, sizeof tmp, "{\"time\":\"%s.%03ldZ\",\"request_id\":", log_prefix,
+                     ts.tv_nsec / 1000000);
+    if (buf_add(b, tmp, n) < 0) return NULL;
+    if (c->request_id != NULL) {
+        if (buf_json_latin1(b, PyBytes_AS_STRING(c->request_id), PyBytes_GET_SIZE(c->request_id)) < 0)
+            return NULL;
+    } else {
+        n = snprintf(tmp, sizeof tmp, "\"%s-%llx\"", lane->id_prefix, ++lane->ids);
+        if (buf_add(b, tmp, n) < 0) return NULL;
+    }
+    LaneRoute *r = c->route;
+    PyObject *label = c->target->log_label;
+    double total = t_end - c->t_start, up = t_end - c->t_sent;
+    if (BUF_LIT(b, ",\"route\":") < 0 ||
+        buf_add(b, PyBytes_AS_STRING(r->log_head), PyBytes_GET_SIZE(r->log_head)) < 0 ||
+        BUF_LIT(b, ",\"consumer\":") < 0)
+        return NULL;
+    if (c->consumer != NULL && PyTuple_GET_SIZE(c->consumer) > 3) {
+        PyObject *j = PyTuple_GET_ITEM(c->consumer, 3);
+        if (buf_add(b, PyBytes_AS_STRING(j), PyBytes_GET_SIZE(j)) < 0) return NULL;
+    } else if (BUF_LIT(b, "null") < 0) {
+        return NULL;
+    }
+    if (BUF_LIT(b, ",\"method\":\"") < 0 ||
+        buf_add(b, PyBytes_AS_STRING(c->method), PyBytes_GET_SIZE(c->method)) < 0 ||
+        BUF_LIT(b, "\",\"path\":") < 0 ||
+        buf_json_latin1(b, PyBytes_AS_STRING(c->path), PyBytes_GET_SIZE(c->path)) < 0)
+        return NULL;
+    n = snprintf(tmp, sizeof tmp, ",\"status\":%d,\"bytes\":%lld,\"upstream\":", c->status,
+                 c->bytes_sent);
+    if (buf_add(b, tmp, n) < 0 ||
+        buf_add(b, PyBytes_AS_STRING(r->log_upstream), PyBytes_GET_SIZE(r->log_upstream)) < 0 ||
+        BUF_LIT(b, ",\"target\":") < 0 ||
+        buf_add(b, PyBytes_AS_STRING(label), PyBytes_GET_SIZE(label)) < 0 ||
+        BUF_LIT(b, ",\"attempts\":1,\"tried\":[") < 0 ||
+        buf_add(b, PyBytes_AS_STRING(label), PyBytes_GET_SIZE(label)) < 0 ||
+        BUF_LIT(b, "],\"cache\":null,\"total_ms\":") < 0 || buf_ms(b, total) < 0 ||
+        BUF_LIT(b, ",\"upstream_ms\":") < 0 || buf_ms(b, up) < 0 ||
+        BUF_LIT(b, ",\"gateway_ms\":") < 0 || buf_ms(b, total - up) < 0 ||
+        BUF_LIT(b, ",\"trace_id\":\"") < 0 ||
+        buf_add(b, PyBytes_AS_STRING(c->trace_id), PyBytes_GET_SIZE(c->trace_id)) < 0 ||
+        BUF_LIT(b, "\"}\n") < 0)
+        return NULL;
+    return PyBytes_FromStringAndSize(b->p, b->len);
+}
+
 /* The answer is on the wire: book it, then the next request or the close. */
 static void conn_finish(LaneConn *c) {
     Lane *lane = c->lane;
     double t_end = mono();
     Py_CLEAR(c->up);
     if (c->route != NULL && c->target != NULL) {
+        PyObject *line = NULL;
+        if (lane->log_lines && c->method != NULL && c->path != NULL && c->trace_id != NULL) {
+            line = conn_log_line(c, t_end);
+            if (line == NULL) PyErr_WriteUnraisable((PyObject *)c);
+        }
         PyObject *r = PyObject_CallFunction(
-            lane->done, "OOiLddddOOOO", c->route->payload, c->target->payload, c->status,
+            lane->done, "OOiLddddOOOOOO", c->route->payload, c->target->payload, c->status,
             c->bytes_sent, c->t_start, c->t_sent, c->t_head, t_end,
             c->request_id ? c->request_id : Py_None, c->trace_id ? c->trace_id : Py_None,
-            c->method ? c->method : Py_None, c->path ? c->path : Py_None);
+            c->method ? c->method : Py_None, c->path ? c->path : Py_None,
+            c->consumer ? PyTuple_GET_ITEM(c->consumer, 1) : Py_None, line ? line : Py_None);
         if (r == NULL) PyErr_WriteUnraisable((PyObject *)c);
         Py_XDECREF(r);
+        Py_XDECREF(line);
     }
     conn_clear_request(c);
     buf_consume(&c->in, c->req_len);
@@ -1747,16 +2008,49 @@ static int valid_traceparent(const char *v) {
     return !zero;
 }
 
+static int is_key_header(LaneRoute *lr, const char *name, Py_ssize_t n) {
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(lr->key_headers); i++)
+        if (ieq(name, n, PyBytes_AS_STRING(PyTuple_GET_ITEM(lr->key_headers, i)))) return 1;
+    return 0;
+}
+
 /* Build the request for the upstream into `out` (gateway/headers.py traced_request_fields). */
 static int build_upstream_request(LaneConn *c, const char *p, ReqHead *h, LaneRoute *route,
                                   LaneTarget *target, Buf *out, char *trace_id) {
     Lane *lane = c->lane;
     if (buf_add(out, h->method, h->method_len) < 0 || BUF_LIT(out, " ") < 0) return -1;
     if (buf_add(out, PyBytes_AS_STRING(route->path), PyBytes_GET_SIZE(route->path)) < 0) return -1;
-    if (h->path_len < h->target_len &&
-        h->target_len - h->path_len > 1 && /* "?" alone: no query */
-        buf_add(out, h->path + h->path_len, h->target_len - h->path_len) < 0)
+    if (c->hide == HIDE_QUERY) {
+        /* the query without the key's parameters (auth.py _without_params) */
+        const char *qs = h->path + h->path_len + 1, *qe = h->target + h->target_len;
+        Py_ssize_t mark = out->len;
+        int first = 1;
+        if (BUF_LIT(out, "?") < 0) return -1;
+        while (qs <= qe) {
+            const char *amp = memchr(qs, '&', qe - qs);
+            const char *pe = amp ? amp : qe;
+            const char *eq = memchr(qs, '=', pe - qs);
+            Py_ssize_t nlen = (eq ? eq : pe) - qs;
+            int drop = 0;
+            for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(route->key_query); i++) {
+                PyObject *name = PyTuple_GET_ITEM(route->key_query, i);
+                if (PyBytes_GET_SIZE(name) == nlen && memcmp(PyBytes_AS_STRING(name), qs, nlen) == 0)
+                    drop = 1;
+            }
+            if (!drop) {
+                if (!first && BUF_LIT(out, "&") < 0) return -1;
+                if (buf_add(out, qs, pe - qs) < 0) return -1;
+                first = 0;
+            }
+            if (amp == NULL) break;
+            qs = pe + 1;
+        }
+        if (out->len == mark + 1) out->len = mark; /* nothing left: no "?" */
+    } else if (h->path_len < h->target_len &&
+               h->target_len - h->path_len > 1 && /* "?" alone: no query */
+               buf_add(out, h->path + h->path_len, h->target_len - h->path_len) < 0) {
         return -1;
+    }
     if (BUF_LIT(out, " HTTP/1.1\r\n") < 0) return -1;
     c->fields_off = out->len;
     Buf xff = {0}, via = {0};
@@ -1782,6 +2076,10 @@ static int build_upstream_request(LaneConn *c, const char *p, ReqHead *h, LaneRo
             } else if (ieq(q, nl, "via")) {
                 if ((via.len && BUF_LIT(&via, ", ") < 0) || buf_add(&via, v, ve - v) < 0) goto fail;
             }
+        } else if (c->hide == HIDE_AUTHORIZATION && ieq(q, nl, "authorization")) {
+            /* the bearer key stays here */
+        } else if (c->hide == HIDE_HEADERS && is_key_header(route, q, nl)) {
+            /* the key's header(s) stay here */
         } else if (!(nl >= 6 && ieq(q, 6, "proxy-"))) {
             Py_ssize_t at = out->len;
             if (buf_add(out, q, nl) < 0) goto fail;
@@ -1791,6 +2089,10 @@ static int build_upstream_request(LaneConn *c, const char *p, ReqHead *h, LaneRo
                 goto fail;
         }
         q = le + 2;
+    }
+    if (c->consumer != NULL) { /* key_auth's consumer, as grant() tells the upstream */
+        PyObject *f = PyTuple_GET_ITEM(c->consumer, 2);
+        if (buf_add(out, PyBytes_AS_STRING(f), PyBytes_GET_SIZE(f)) < 0) goto fail;
     }
     /* host */
     if (BUF_LIT(out, "host: ") < 0) goto fail;
@@ -1847,6 +2149,139 @@ fail:
     buf_free(&xff);
     buf_free(&via);
     return -1;
+}
+
+/* key_auth: find the API key the way gateway/plugins/auth.py does (the first configured
+ * header present with a value, else Authorization: Bearer, else a query parameter).
+ * 1: found; 0: none, or a case the Python path must see (identity headers a client sent, an
+ * encoded query value). */
+static int find_key(LaneRoute *lr, const char *p, ReqHead *h, const char **key, Py_ssize_t *klen,
+                    int *where) {
+    Py_ssize_t nkeys = PyTuple_GET_SIZE(lr->key_headers);
+    Py_ssize_t best = nkeys;
+    const char *auth = NULL;
+    Py_ssize_t auth_len = 0;
+    const char *q = p + h->fields_start;
+    const char *end = p + h->head_len - 2;
+    *key = NULL;
+    while (q < end) {
+        const char *le = memchr(q, '\r', end - q);
+        const char *colon = memchr(q, ':', le - q);
+        Py_ssize_t nl = colon - q;
+        const char *v = colon + 1;
+        while (v < le && (*v == ' ' || *v == '\t')) v++;
+        const char *ve = le;
+        while (ve > v && (ve[-1] == ' ' || ve[-1] == '\t')) ve--;
+        for (Py_ssize_t i = 0; i < best; i++) {
+            PyObject *name = PyTuple_GET_ITEM(lr->key_headers, i);
+            if (ieq(q, nl, PyBytes_AS_STRING(name))) {
+                if (ve > v) {
+                    best = i;
+                    *key = v;
+                    *klen = ve - v;
+                }
+                break;
+            }
+        }
+        if (ieq(q, nl, "authorization")) {
+            if (auth == NULL) {
+                auth = v;
+                auth_len = ve - v;
+            }
+        } else if ((nl >= 11 && ieq(q, 11, "x-consumer-")) ||
+                   ieq(q, nl, "x-credential-identifier") || ieq(q, nl, "x-anonymous-consumer")) {
+            return 0;
+        }
+        q = le + 2;
+    }
+    if (*key != NULL) {
+        *where = HIDE_HEADERS;
+        return 1;
+    }
+    if (lr->key_bearer && auth != NULL && auth_len > 7 && ieq(auth, 7, "bearer ")) {
+        const char *t = auth + 7, *te = auth + auth_len;
+        while (t < te && (*t == ' ' || *t == '\t' || *t == '\v' || *t == '\f')) t++;
+        if (t < te) {
+            *key = t;
+            *klen = te - t;
+            *where = HIDE_AUTHORIZATION;
+            return 1;
+        }
+    }
+    if (PyTuple_GET_SIZE(lr->key_query) > 0 && h->path_len < h->target_len) {
+        const char *qs = h->path + h->path_len + 1, *qe = h->target + h->target_len;
+        while (qs < qe) {
+            const char *amp = memchr(qs, '&', qe - qs);
+            const char *pe = amp ? amp : qe;
+            const char *eq = memchr(qs, '=', pe - qs);
+            if (eq != NULL && eq + 1 < pe) {
+                for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(lr->key_query); i++) {
+                    PyObject *name = PyTuple_GET_ITEM(lr->key_query, i);
+                    if (PyBytes_GET_SIZE(name) == eq - qs &&
+                        memcmp(PyBytes_AS_STRING(name), qs, eq - qs) == 0) {
+                        for (const char *x = eq + 1; x < pe; x++)
+                            if (*x == '%' || *x == '+') return 0; /* decoding: the Python path */
+                        *key = eq + 1;
+                        *klen = pe - eq - 1;
+                        *where = HIDE_QUERY;
+                        return 1;
+                    }
+                }
+            }
+            qs = pe + 1;
+        }
+    }
+    return 0;
+}
+
+/* The access phase of a route with policies. 1: go on; 0: the Python path answers (no key,
+ * an unknown one, a refusal); -1: error. */
+static int conn_access(LaneConn *c, LaneRoute *lr, const char *p, ReqHead *h) {
+    PyObject *name = Py_None;
+    if (lr->keys != NULL) {
+        const char *key;
+        Py_ssize_t klen;
+        int where = HIDE_NONE;
+        if (!find_key(lr, p, h, &key, &klen, &where)) return 0;
+        unsigned char digest[32];
+        sha256((const unsigned char *)key, (size_t)klen, digest);
+        PyObject *d = PyBytes_FromStringAndSize((const char *)digest, 32);
+        if (d == NULL) return -1;
+        PyObject *entry = PyDict_GetItemWithError(lr->keys, d);
+        Py_DECREF(d);
+        if (entry == NULL) return PyErr_Occurred() ? -1 : 0;
+        if (!PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) < 3 ||
+            !PyBytes_Check(PyTuple_GET_ITEM(entry, 0)) ||
+            PyBytes_GET_SIZE(PyTuple_GET_ITEM(entry, 0)) != 32 ||
+            !PyBytes_Check(PyTuple_GET_ITEM(entry, 2))) {
+            PyErr_SetString(PyExc_TypeError, "keys: digest -> (digest, name, fields) expected");
+            return -1;
+        }
+        /* the stored digest compared in constant time (hmac.compare_digest's way) */
+        const unsigned char *stored = (const unsigned char *)PyBytes_AS_STRING(PyTuple_GET_ITEM(entry, 0));
+        unsigned char diff = 0;
+        for (int i = 0; i < 32; i++) diff |= stored[i] ^ digest[i];
+        if (diff != 0) return 0;
+        Py_INCREF(entry);
+        Py_XSETREF(c->consumer, entry);
+        c->hide = lr->key_hide ? where : HIDE_NONE;
+        name = PyTuple_GET_ITEM(entry, 1);
+    }
+    if (lr->access != NULL) {
+        PyObject *r = PyObject_CallFunctionObjArgs(lr->access, name, c->client_ip, NULL);
+        if (r == NULL) return -1;
+        if (r == Py_None) {
+            Py_DECREF(r);
+            return 0;
+        }
+        if (!PyBytes_Check(r)) {
+            Py_DECREF(r);
+            PyErr_SetString(PyExc_TypeError, "access() must return bytes or None");
+            return -1;
+        }
+        Py_XSETREF(c->resp_fields, r);
+    }
+    return 1;
 }
 
 /* Send the request on `u` (a new reference is taken). */
@@ -1945,6 +2380,15 @@ static void conn_process(LaneConn *c) {
     }
     Py_INCREF(lr);
     Py_XSETREF(c->route, lr); /* owned from here: a reload may clear the cache */
+    if (lr->keys != NULL || lr->access != NULL) {
+        int ok = conn_access(c, lr, c->in.p, &h);
+        if (ok < 0) goto error;
+        if (ok == 0) {
+            conn_clear_request(c);
+            conn_handover(c, NULL);
+            return;
+        }
+    }
     /* the target: the Python side picks and books the attempt */
     PyObject *t = PyObject_CallOneArg(lane->pick, route);
     if (t == NULL) goto error;
@@ -2074,10 +2518,11 @@ static PyObject *conn_connection_lost(LaneConn *c, PyObject *exc) {
             /* booked as abandoned: status 0 */
             c->status = 0;
             PyObject *r = PyObject_CallFunction(
-                c->lane->done, "OOiLddddOOOO", c->route->payload, c->target->payload, 0,
+                c->lane->done, "OOiLddddOOOOOO", c->route->payload, c->target->payload, 0,
                 c->bytes_sent, c->t_start, c->t_sent, c->t_head, mono(), Py_None,
                 c->trace_id ? c->trace_id : Py_None, c->method ? c->method : Py_None,
-                c->path ? c->path : Py_None);
+                c->path ? c->path : Py_None,
+                c->consumer ? PyTuple_GET_ITEM(c->consumer, 1) : Py_None, Py_None);
             if (r == NULL) PyErr_WriteUnraisable((PyObject *)c);
             Py_XDECREF(r);
         }
@@ -2189,6 +2634,8 @@ static int lane_init(Lane *self, PyObject *args, PyObject *kw) {
     self->idle_timeout = idle;
     self->write_timeout = wt;
     self->enabled = 1;
+    for (int i = 0; i < 12; i++) self->id_prefix[i] = HEX[rng_next() & 15];
+    self->id_prefix[12] = 0;
     return 0;
 }
 
@@ -2297,6 +2744,7 @@ static PyMethodDef lane_methods[] = {
 static PyMemberDef lane_members[] = {
     {"enabled", T_BOOL, offsetof(Lane, enabled), 0, NULL},
     {"sample_ratio", T_DOUBLE, offsetof(Lane, sample_ratio), 0, NULL},
+    {"log_lines", T_BOOL, offsetof(Lane, log_lines), 0, NULL},
     {"idle_timeout", T_DOUBLE, offsetof(Lane, idle_timeout), 0, NULL},
     {"write_timeout", T_DOUBLE, offsetof(Lane, write_timeout), 0, NULL},
     {"max_header_bytes", T_PYSSIZET, offsetof(Lane, max_header_bytes), 0, NULL},
@@ -2350,6 +2798,10 @@ PyMODINIT_FUNC PyInit__lane(void) {
     INTERN(s_discard, "discard");
     INTERN(s_can_write_eof, "can_write_eof");
     INTERN(s_write_eof, "write_eof");
+    if (!sha256_selftest()) {
+        PyErr_SetString(PyExc_ImportError, "the lane's SHA-256 failed its self-test");
+        return NULL;
+    }
     PyObject *os = PyImport_ImportModule("os");
     if (os == NULL) return NULL;
     PyObject *seed = PyObject_CallMethod(os, "urandom", "i", 32);

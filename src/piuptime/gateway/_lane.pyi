@@ -7,6 +7,7 @@ from typing import Any
 class Lane:
     enabled: bool
     sample_ratio: float
+    log_lines: bool
     idle_timeout: float
     write_timeout: float
     max_header_bytes: int
@@ -59,6 +60,14 @@ class LaneRoute:
         read_timeout: float,
         total_timeout: float,
         max_body_bytes: int,
+        keys: dict[bytes, tuple[bytes, str, bytes, bytes]] | None = None,
+        key_headers: tuple[bytes, ...] = (),
+        key_query: tuple[bytes, ...] = (),
+        key_bearer: bool = False,
+        key_hide: bool = False,
+        access: Callable[[str | None, bytes], bytes | None] | None = None,
+        log_route: bytes = b"null",
+        log_upstream: bytes = b"null",
     ) -> None: ...
 
 class LaneTarget:
@@ -81,6 +90,7 @@ class LaneTarget:
         max_connections: int,
         max_idle: int,
         idle_timeout: float,
+        log_label: bytes = b"null",
     ) -> None: ...
     def connected(self, up: UpConn, /) -> None: ...
     def connect_failed(self, kind: str, /) -> None: ...

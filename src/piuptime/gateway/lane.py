@@ -21,7 +21,9 @@ import logging
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
-from piuptime.gateway.proxy import LaneAttempt, ProxyHandler
+import orjson
+
+from piuptime.gateway.proxy import LaneAttempt, ProxyHandler, field_pairs
 from piuptime.gateway.router import Match
 from piuptime.gateway.runtime import CompiledRoute, Runtime, Target
 from piuptime.http1.client import Response
@@ -95,6 +97,8 @@ class FastLane:
         lane.idle_timeout = limits.idle_timeout
         lane.write_timeout = limits.body_timeout
         lane.sample_ratio = self.handler.tracer.ratio
+        # the lane writes access-log lines itself unless observers want each entry as a dict
+        lane.log_lines = self.handler.access_log.enabled and not self.handler.observers
         # targets of retired upstreams: their idle lane connections close
         live = {id(t) for u in runtime.upstreams.values() for t in u.targets}
         for key in [k for k in self._targets if k not in live]:
@@ -150,8 +154,14 @@ class FastLane:
         if match is None:
             return None
         route: CompiledRoute = match.spec.payload  # type: ignore[assignment]
-        if route.handler is not None or route.pipeline is not None:
+        if route.handler is not None:
             return None
+        policies: dict[str, Any] = {}
+        if route.pipeline is not None:
+            found = _lane_policies(route.pipeline, runtime)
+            if found is None:
+                return None
+            policies = found
         upstream = route.upstream
         if upstream.hash_on is not None or any(t.url[:5] != "http:" for t in upstream.targets):
             return None
@@ -170,6 +180,9 @@ class FastLane:
             max_body_bytes=(
                 route.max_body_bytes if route.max_body_bytes is not None else limits.max_body_bytes
             ),
+            log_route=orjson.dumps(route.name),
+            log_upstream=orjson.dumps(upstream.name),
+            **policies,
         )
 
     def _pick(self, lane_route: Any) -> Any:
@@ -189,6 +202,7 @@ class FastLane:
                 max_connections=opts.max_connections,
                 max_idle=opts.max_idle,
                 idle_timeout=opts.idle_timeout,
+                log_label=orjson.dumps(target.label),
             )
             self._targets[id(target)] = (target, lt)
             target.pool.shared = lt  # one max_connections for both paths
@@ -212,8 +226,11 @@ class FastLane:
         trace_id: bytes | None,
         method: bytes,
         path: bytes,
+        consumer: str | None,
+        line: bytes | None,
     ) -> None:
-        """Book a request the lane answered (status 0: the client left before the answer)."""
+        """Book a request the lane answered (status 0: the client left before the answer).
+        ``line``: its access-log line, when the lane wrote it."""
         route = payload[0]
         upstream = route.upstream
         handler = self.handler
@@ -225,7 +242,10 @@ class FastLane:
         upstream_time = t_end - t_sent
         metrics = handler.request_metrics
         if metrics is not None:
-            metrics.record(route.name, status, None, total, upstream_time, 1)
+            metrics.record(route.name, status, consumer, total, upstream_time, 1)
+        if line is not None:
+            handler.access_log.record_line(line)
+            return
         observers = handler.observers
         if not observers and not handler.access_log.enabled:
             return
@@ -233,7 +253,7 @@ class FastLane:
             "time": now_iso(),
             "request_id": request_id.decode("latin-1") if request_id else handler.ids.next(),
             "route": route.name,
-            "consumer": None,
+            "consumer": consumer,
             "method": method.decode("latin-1"),
             "path": path.decode("latin-1"),
             "status": status,
@@ -282,7 +302,9 @@ class FastLane:
     ) -> None:
         attempt = None
         if resume is not None:
-            payload, target, kind, sent, t_start, t_sent, answer, fields, _ = resume
+            payload, target, kind, sent, t_start, t_sent, answer, fields, _, consumer, extra = (
+                resume
+            )
             route, match = payload
             if kind == "status" and answer is not None:
                 status, reason, headers, body = answer
@@ -296,6 +318,8 @@ class FastLane:
                     t_sent,
                     Response.whole(status, reason, headers, body),
                     fields,
+                    consumer,
+                    field_pairs(extra),
                 )
             else:
                 attempt = LaneAttempt(
@@ -308,8 +332,37 @@ class FastLane:
                     t_sent,
                     None,
                     fields,
+                    consumer,
+                    field_pairs(extra),
                 )
         self.server.adopt(transport, data, attempt, eof=eof, write_paused=write_paused)
+
+
+def _lane_policies(pipeline: Any, runtime: Runtime) -> dict[str, Any] | None:
+    """The ``LaneRoute`` arguments for a route's plugins, or None when one of them needs the
+    Python path: the lane runs key_auth's success path and a memory rate_limit, nothing else
+    (see ``KeyAuthPlugin.lane_ready``, ``RateLimitPlugin.lane_ready``)."""
+    out: dict[str, Any] = {}
+    env = runtime.env
+    trusted = bool(env is not None and env.trusted_proxies)
+    for plugin in pipeline.plugins:
+        if plugin.name == "key_auth" and "keys" not in out and "access" not in out:
+            if not plugin.lane_ready():
+                return None
+            out["keys"] = plugin.lane_keys()
+            out["key_headers"] = plugin.headers
+            out["key_query"] = plugin.query_names
+            out["key_bearer"] = plugin.bearer
+            out["key_hide"] = plugin.hide
+        elif plugin.name == "rate_limit" and "access" not in out:
+            if not plugin.lane_ready(trusted):
+                return None
+            out["access"] = plugin.lane_check
+        else:
+            return None
+    if pipeline.response or pipeline.failure or pipeline.log:
+        return None  # hooks the lane would not run
+    return out
 
 
 def _runtime_eligible(runtime: Runtime, handler: ProxyHandler) -> bool:

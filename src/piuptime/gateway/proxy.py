@@ -218,11 +218,23 @@ class ProxyHandler:
         req.start_time = attempt.start_time
         route, match, target = attempt.route, attempt.match, attempt.target
         upstream = route.upstream
+        ctx = None
+        if route.pipeline is not None:
+            # the lane ran the access phase (gateway/lane.py): what it found carries over
+            assert self.runtime.env is not None
+            ctx = Ctx(req, resp, route, match, self.runtime.env)
+            if attempt.consumer is not None:
+                ctx.consumer = ctx.env.consumers.get(attempt.consumer)
+            ctx.response_headers = attempt.response_headers
         if attempt.kind == "busy":
             # the lane's connections to the target were all taken: queue here (max_pending)
             upstream.abandon(target)
-            req.resume = None
-            return self._dispatch(req, resp, route, match, None, False)
+            if ctx is not None:
+                identity = [
+                    h for h in field_pairs(attempt.fields) if h[0].startswith(b"x-consumer-")
+                ]
+                req.headers += identity
+            return self._dispatch(req, resp, route, match, ctx, False)
         if route.max_body_bytes is not None:
             req.max_body_bytes = route.max_body_bytes
         path = route.upstream_path(req.path, req.query, match)
@@ -241,7 +253,7 @@ class ProxyHandler:
             None,
             attempt,
             attempt.sent_time,
-            None,
+            ctx,
             trace,
         )
 
@@ -854,9 +866,11 @@ class LaneAttempt:
 
     __slots__ = (
         "answer",
+        "consumer",
         "fields",
         "kind",
         "match",
+        "response_headers",
         "route",
         "sent",
         "sent_time",
@@ -875,8 +889,12 @@ class LaneAttempt:
         sent_time: float,
         answer: Response | None,
         fields: bytes,
+        consumer: str | None = None,
+        response_headers: list[tuple[bytes, bytes]] | None = None,
     ) -> None:
         self.fields = fields  # the header fields the lane sent (``name: value\r\n`` lines)
+        self.consumer = consumer  # the consumer key_auth found (name)
+        self.response_headers = response_headers or []  # what rate_limit adds to the answer
         self.route = route
         self.match = match
         self.target = target
@@ -904,6 +922,16 @@ class LaneAttempt:
         raise UpstreamError(
             f"{label} closed the connection before answering", request_sent=self.sent
         )
+
+
+def field_pairs(fields: bytes | None) -> list[tuple[bytes, bytes]]:
+    """``name: value\r\n`` lines back into ``(name, value)`` pairs."""
+    out = []
+    for line in fields.split(b"\r\n") if fields else ():
+        if line:
+            name, _, value = line.partition(b": ")
+            out.append((name, value))
+    return out
 
 
 class _Busy(UpstreamError):

@@ -85,7 +85,13 @@ class AccessLog:
         """Queue one request's entry; never blocks, never raises."""
         if not self.enabled:
             return
-        line = orjson.dumps(entry, option=orjson.OPT_APPEND_NEWLINE)
+        self.record_line(orjson.dumps(entry, option=orjson.OPT_APPEND_NEWLINE))
+
+    def record_line(self, line: bytes) -> None:
+        """Queue an entry already serialised (one JSON object and a newline; the fast lane
+        writes its own); never blocks, never raises."""
+        if not self.enabled:
+            return
         if self._batch_bytes + self._in_flight + len(line) > self.max_pending_bytes:
             self.dropped += 1
             return
