@@ -183,7 +183,7 @@ async def test_the_limit_is_shared_with_the_python_path_and_refused_there(up: Up
     app, port = await start_app(config(up.port, rate_limit="{limit: 5, window: 1m, per: consumer}"))
     try:
         statuses = []
-        for i in range(4):
+        for _ in range(4):
             statuses.append((await ask(port, "/", {"apikey": KEY})).status)
         # one through the Python path (a chunked body makes it hand over), counted the same
         c = await RawClient.connect(port)
