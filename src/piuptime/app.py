@@ -30,6 +30,7 @@ from piuptime.configstore import ConfigService, ConfigStoreError, InvalidChange,
 from piuptime.gateway.consumers import Consumers
 from piuptime.gateway.lane import FastLane
 from piuptime.gateway.lane import attach as attach_lane
+from piuptime.gateway.lane import available as lane_available
 from piuptime.gateway.plugins import PluginEnv
 from piuptime.gateway.proxy import ProxyHandler
 from piuptime.gateway.runtime import Runtime, compile_runtime, retired_upstreams
@@ -161,6 +162,7 @@ class App:
             await server.listen(listener.host, listener.port)
             self.servers.append(server)
             self._tls.append(ctx)
+        self._lane_metrics()
         if self.config.admin is not None:
             from piuptime.admin.server import AdminServer  # FastAPI loads only here
 
@@ -175,6 +177,25 @@ class App:
         self.config_service.register_metrics(self.metrics)
         self.config_service.start_watch(self)  # database: follow changes made elsewhere
         log.info("piuptime ready on %s (%s)", ", ".join(self.addresses()), _summary(self.config))
+
+    def _lane_metrics(self) -> None:
+        if self.config.gateway.fast_lane and not lane_available():
+            log.warning(
+                "the fast lane is not built (no C compiler when piuptime was installed): every "
+                "request takes the Python path (docs/internals.md, 'The fast lane')"
+            )
+        lanes = self.lanes
+        self.metrics.counter(
+            "lane_requests",
+            "Requests the C fast lane forwarded itself (docs/internals.md)",
+            read=lambda: [((), float(sum(lane.requests for lane in lanes)))],
+        )
+        self.metrics.counter(
+            "lane_handovers",
+            "Client connections the fast lane gave to the Python path: a request it does not "
+            "take, or an attempt that failed before its answer started",
+            read=lambda: [((), float(sum(lane.handovers for lane in lanes)))],
+        )
 
     async def _make_env(self, config: Config) -> PluginEnv:
         """What plugins share for the life of the process: in-memory state, the Redis stores
