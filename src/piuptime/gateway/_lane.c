@@ -315,6 +315,7 @@ struct Lane {
     PyObject *via;       /* bytes, this gateway's Via hop */
     Py_ssize_t max_header_bytes, max_header_count, max_body_bytes, max_cache;
     double idle_timeout, write_timeout;
+    double header_timeout; /* a new connection's wait for its first request (0: idle_timeout) */
     double sample_ratio;
     int enabled;
     int draining;
@@ -1243,8 +1244,9 @@ static void up_relay(UpConn *u) {
             Py_DECREF(code);
             if (retry < 0) goto error;
         }
-        if (retry && u->framing != F_EOF && (u->framing != F_LENGTH || u->remaining <= 65536)) {
-            /* a retryable answer: collected whole, then the Python path decides */
+        if (retry && (u->framing != F_LENGTH || u->remaining <= 65536)) {
+            /* a retryable answer: collected whole (a close-delimited one until the upstream
+             * closes: up_ended), then the Python path decides */
             u->collecting = 1;
             u->status = h.status;
             u->reason = PyBytes_FromStringAndSize(h.reason, h.reason_len);
@@ -1404,6 +1406,20 @@ static void up_ended(UpConn *u) {
             }
         } else {
             conn_fail_attempt(c, "reset", 1, NULL);
+        }
+    } else if (c->state == S_BODY && u->framing == F_EOF && u->collecting) {
+        /* the end of a close-delimited retryable answer: whole, to the Python path */
+        u->client = NULL;
+        Py_DECREF(c);
+        PyObject *body = PyBytes_FromStringAndSize(u->body.p, u->body.len);
+        PyObject *answer =
+            body == NULL ? NULL : Py_BuildValue("(iOON)", u->status, u->reason, u->headers, body);
+        if (answer == NULL) {
+            PyErr_WriteUnraisable((PyObject *)c);
+            conn_abort(c);
+        } else {
+            conn_fail_attempt(c, "status", 1, answer);
+            Py_DECREF(answer);
         }
     } else if (c->state == S_BODY) {
         /* cut in the middle of the body */
@@ -1649,6 +1665,7 @@ static void conn_fail_attempt(LaneConn *c, const char *kind, int sent, PyObject 
 /* Close the client connection at once (the answer cannot be completed). */
 static void conn_abort(LaneConn *c) {
     if (c->state == S_CLOSED || c->state == S_HANDED) return;
+    int was = c->state;
     UpConn *u = c->up;
     if (u != NULL) {
         c->up = NULL;
@@ -1661,6 +1678,20 @@ static void conn_abort(LaneConn *c) {
     }
     c->state = S_CLOSED;
     c->closing = 1;
+    if (c->route != NULL && c->target != NULL &&
+        (was == S_SENT || was == S_BODY || was == S_WAIT_CONN)) {
+        /* the exchange ends here (a body cut or stalled, a client not reading): booked with
+         * the status relayed (0: none yet), as conn_connection_lost books a client leaving */
+        PyObject *r = PyObject_CallFunction(
+            c->lane->done, "OOiLddddOOOOOO", c->route->payload, c->target->payload, c->status,
+            c->bytes_sent, c->t_start, c->t_sent, c->t_head, mono(),
+            c->request_id ? c->request_id : Py_None, c->trace_id ? c->trace_id : Py_None,
+            c->method ? c->method : Py_None, c->path ? c->path : Py_None,
+            c->consumer ? PyTuple_GET_ITEM(c->consumer, 1) : Py_None, Py_None);
+        if (r == NULL) PyErr_WriteUnraisable((PyObject *)c);
+        Py_XDECREF(r);
+        conn_clear_request(c);
+    }
     t_call(c->transport, s_abort);
 }
 
@@ -1906,7 +1937,8 @@ static int parse_request_head(Lane *lane, const char *p, Py_ssize_t n, ReqHead *
     h->target_len = q - h->target;
     if (q >= end || *q != ' ') return P_PYTHON;
     q++;
-    if (end - q < 10 || memcmp(q, "HTTP/1.", 7) != 0 || (q[7] != '1' && q[7] != '0') ||
+    /* end - q == 8: no header fields, the line's CRLF begins the final CRLFCRLF (HTTP/1.0) */
+    if (end - q < 8 || memcmp(q, "HTTP/1.", 7) != 0 || (q[7] != '1' && q[7] != '0') ||
         q[8] != '\r' || q[9] != '\n')
         return P_PYTHON;
     h->v11 = q[7] == '1';
@@ -1958,6 +1990,8 @@ static int parse_request_head(Lane *lane, const char *p, Py_ssize_t n, ReqHead *
             if (ieq(q, nl, "transfer-encoding") || ieq(q, nl, "tracestate")) return P_PYTHON;
             if (ieq(q, nl, "traceparent")) {
                 if (h->traceparent != NULL || vl != 55) return P_PYTHON;
+                /* a version other than 00: the Python path (it continues what it can parse) */
+                if (v[0] != '0' || v[1] != '0') return P_PYTHON;
                 h->traceparent = v;
             }
             break;
@@ -2139,6 +2173,11 @@ static int build_upstream_request(LaneConn *c, const char *p, ReqHead *h, LaneRo
         if (BUF_LIT(out, "content-length: ") < 0 || buf_add_dec(out, h->content_length) < 0 ||
             BUF_LIT(out, "\r\n") < 0)
             goto fail;
+    } else if ((h->method_len == 4 && memcmp(h->method, "POST", 4) == 0) ||
+               (h->method_len == 3 && memcmp(h->method, "PUT", 3) == 0) ||
+               (h->method_len == 5 && memcmp(h->method, "PATCH", 5) == 0)) {
+        /* an empty body of a method that has one: said so, as http1.client does */
+        if (BUF_LIT(out, "content-length: 0\r\n") < 0) goto fail;
     }
     if (BUF_LIT(out, "\r\n") < 0) goto fail;
     if (h->content_length > 0 && buf_add(out, p + h->head_len, h->content_length) < 0) goto fail;
@@ -2690,8 +2729,10 @@ static PyObject *lane_sweep(Lane *self, PyObject *unused) {
     while (c != NULL) {
         LaneConn *next = c->next;
         live++;
-        if (c->state == S_IDLE && c->in.len == 0 && !c->closing &&
-            now - c->idle_since > self->idle_timeout) {
+        /* no request forwarded yet (t_start unset): the header timeout, as http1.server */
+        double wait = c->t_start == 0.0 && self->header_timeout > 0 ? self->header_timeout
+                                                                    : self->idle_timeout;
+        if (c->state == S_IDLE && c->in.len == 0 && !c->closing && now - c->idle_since > wait) {
             c->closing = 1;
             c->state = S_DONE_CLOSE;
             t_call(c->transport, s_close);
@@ -2747,6 +2788,7 @@ static PyMemberDef lane_members[] = {
     {"log_lines", T_BOOL, offsetof(Lane, log_lines), 0, NULL},
     {"idle_timeout", T_DOUBLE, offsetof(Lane, idle_timeout), 0, NULL},
     {"write_timeout", T_DOUBLE, offsetof(Lane, write_timeout), 0, NULL},
+    {"header_timeout", T_DOUBLE, offsetof(Lane, header_timeout), 0, NULL},
     {"max_header_bytes", T_PYSSIZET, offsetof(Lane, max_header_bytes), 0, NULL},
     {"max_header_count", T_PYSSIZET, offsetof(Lane, max_header_count), 0, NULL},
     {"max_body_bytes", T_PYSSIZET, offsetof(Lane, max_body_bytes), 0, NULL},

@@ -10,6 +10,7 @@ class Lane:
     log_lines: bool
     idle_timeout: float
     write_timeout: float
+    header_timeout: float
     max_header_bytes: int
     max_header_count: int
     max_body_bytes: int

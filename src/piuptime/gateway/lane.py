@@ -95,6 +95,8 @@ class FastLane:
         lane.max_header_count = limits.max_header_count
         lane.max_body_bytes = min(LANE_MAX_BODY, limits.max_body_bytes)
         lane.idle_timeout = limits.idle_timeout
+        # a new connection waits this long for its first request (http1.server's head timer)
+        lane.header_timeout = limits.header_timeout
         lane.write_timeout = limits.body_timeout
         lane.sample_ratio = self.handler.tracer.ratio
         # the lane writes access-log lines itself unless observers want each entry as a dict
@@ -138,10 +140,12 @@ class FastLane:
         live = self.lane.sweep()
         now = self._loop.time()
         idle = 0
-        for _, lt in self._targets.values():
+        for target, lt in self._targets.values():
             if lt.idle:
                 lt.expire(perf_counter())  # the C side's clock (CLOCK_MONOTONIC)
                 idle += lt.idle
+            if target.pool.waiting:
+                target.pool.wake_waiters()
         if live or idle:
             self._sweeping = self._loop.call_at(now + SWEEP_INTERVAL, self._sweep)
 
@@ -155,6 +159,9 @@ class FastLane:
             return None
         route: CompiledRoute = match.spec.payload  # type: ignore[assignment]
         if route.handler is not None:
+            return None
+        if route.retry_non_idempotent and method in (b"POST", b"PATCH"):
+            # the lane re-sends only what it knows to be idempotent (no route flag in C)
             return None
         policies: dict[str, Any] = {}
         if route.pipeline is not None:
@@ -238,6 +245,8 @@ class FastLane:
             upstream.abandon(target)
         else:
             upstream.end(target, status < 500, t_head - t_sent)
+        if target.pool.waiting:  # Python requests queued behind the lane's connections
+            target.pool.wake_waiters()
         total = t_end - t_start
         upstream_time = t_end - t_sent
         metrics = handler.request_metrics

@@ -1162,6 +1162,20 @@ class Pool:
         shared = self.shared
         return 0 if shared is None else int(shared.connections)
 
+    def wake_waiters(self) -> None:
+        """The client sharing ``max_connections`` (``shared``) freed slots, which this pool
+        does not see: hand them to the requests queued here, in order (closing the other
+        side's idle connections to make room)."""
+        limit = self._options.max_connections
+        shared = self.shared
+        while self._waiters:
+            if self._open + self._shared_open() >= limit and not (
+                shared is not None and shared.close_one_idle()
+            ):
+                return
+            self._open += 1  # reserved for the first live waiter, or given back
+            self._free_slot()
+
     def close_one_idle(self) -> bool:
         """Close the least recently used idle connection, freeing its slot for whoever shares
         ``max_connections`` with this pool; False when none is idle."""
