@@ -1822,7 +1822,8 @@ static void conn_finish(LaneConn *c) {
     buf_consume(&c->in, c->req_len);
     c->req_len = 0;
     if (c->state == S_CLOSED || c->state == S_HANDED) return;
-    if (!c->keep_alive || lane->draining || c->draining || c->eof) {
+    /* after the client's EOF, requests it pipelined before it are still answered */
+    if (!c->keep_alive || lane->draining || c->draining || (c->eof && c->in.len == 0)) {
         /* half-close and read (discarding) until the client closes too, at most LINGER s,
          * so unread bytes of its own do not turn our close into a reset */
         c->state = S_DONE_CLOSE;
