@@ -84,6 +84,17 @@ static int buf_add_dec(Buf *b, long long v) {
     return buf_add(b, tmp, n);
 }
 
+static inline unsigned char lower(unsigned char c);
+
+/* `name: value\r\n` with the name lower-cased, as http1.server keeps names */
+static int buf_add_field(Buf *b, const char *name, Py_ssize_t nl, const char *v, Py_ssize_t vl) {
+    Py_ssize_t at = b->len;
+    if (buf_add(b, name, nl) < 0) return -1;
+    for (Py_ssize_t i = at; i < at + nl; i++) b->p[i] = (char)lower((unsigned char)b->p[i]);
+    if (BUF_LIT(b, ": ") < 0 || buf_add(b, v, vl) < 0 || BUF_LIT(b, "\r\n") < 0) return -1;
+    return 0;
+}
+
 static const unsigned char TCHAR[256] = {
     /* RFC 9110 token characters */
     ['!'] = 1, ['#'] = 1, ['$'] = 1, ['%'] = 1, ['&'] = 1, ['\''] = 1, ['*'] = 1, ['+'] = 1,
@@ -146,6 +157,27 @@ static int conn_plain(const char *v, Py_ssize_t vn) {
         if (!ieq(v + s, e - s, "keep-alive") && !ieq(v + s, e - s, "close")) return 0;
     }
     return 1;
+}
+
+/* One field of a head the parser already checked: the name's length and the value without
+ * surrounding whitespace. `q` starts a field line, `end` is where the last line's CRLF is;
+ * returns the start of the next line. */
+typedef struct {
+    Py_ssize_t nl;
+    const char *v, *ve;
+} Field;
+
+static inline const char *field_at(const char *q, const char *end, Field *f) {
+    const char *le = memchr(q, '\r', end - q);
+    const char *colon = memchr(q, ':', le - q);
+    const char *v = colon + 1;
+    while (v < le && (*v == ' ' || *v == '\t')) v++;
+    const char *ve = le;
+    while (ve > v && (ve[-1] == ' ' || ve[-1] == '\t')) ve--;
+    f->nl = colon - q;
+    f->v = v;
+    f->ve = ve;
+    return le + 2;
 }
 
 /* ---------------------------------------------------------------------------------------- */
@@ -1002,13 +1034,10 @@ static int build_client_head(LaneConn *c, UpConn *u, const char *p, Py_ssize_t h
     const char *q = memchr(p, '\n', head_len) + 1;
     Buf via = {0};
     while (q < end) {
-        const char *le = memchr(q, '\r', end - q);
-        const char *colon = memchr(q, ':', le - q);
-        Py_ssize_t nl = colon - q;
-        const char *v = colon + 1;
-        while (v < le && (*v == ' ' || *v == '\t')) v++;
-        const char *ve = le;
-        while (ve > v && (ve[-1] == ' ' || ve[-1] == '\t')) ve--;
+        Field f;
+        const char *next = field_at(q, end, &f);
+        Py_ssize_t nl = f.nl;
+        const char *v = f.v, *ve = f.ve;
         int drop = 0;
         for (int i = 0; DOWN_DROP[i] != NULL; i++)
             if (ieq(q, nl, DOWN_DROP[i])) {
@@ -1028,14 +1057,9 @@ static int build_client_head(LaneConn *c, UpConn *u, const char *p, Py_ssize_t h
             }
         }
         if (!drop) {
-            Py_ssize_t at = out->len;
-            if (buf_add(out, q, nl) < 0) goto fail;
-            for (Py_ssize_t i = at; i < at + nl; i++)
-                out->p[i] = (char)lower((unsigned char)out->p[i]);
-            if (BUF_LIT(out, ": ") < 0 || buf_add(out, v, ve - v) < 0 || BUF_LIT(out, "\r\n") < 0)
-                goto fail;
+            if (buf_add_field(out, q, nl, v, ve - v) < 0) goto fail;
         }
-        q = le + 2;
+        q = next;
     }
     if (c->resp_fields != NULL &&
         buf_add(out, PyBytes_AS_STRING(c->resp_fields), PyBytes_GET_SIZE(c->resp_fields)) < 0)
@@ -1255,12 +1279,10 @@ static void up_relay(UpConn *u) {
             const char *end = u->in.p + hl - 2;
             const char *q = memchr(u->in.p, '\n', hl) + 1;
             while (q < end) {
-                const char *le = memchr(q, '\r', end - q);
-                const char *colon = memchr(q, ':', le - q);
-                const char *v = colon + 1;
-                while (v < le && (*v == ' ' || *v == '\t')) v++;
-                const char *ve = le;
-                while (ve > v && (ve[-1] == ' ' || ve[-1] == '\t')) ve--;
+                Field f;
+                const char *next = field_at(q, end, &f);
+                const char *colon = q + f.nl;
+                const char *v = f.v, *ve = f.ve;
                 PyObject *name = PyBytes_FromStringAndSize(q, colon - q);
                 if (name == NULL) goto error;
                 char *np = PyBytes_AS_STRING(name);
@@ -1270,7 +1292,7 @@ static void up_relay(UpConn *u) {
                 int r = PyList_Append(u->headers, item);
                 Py_DECREF(item);
                 if (r < 0) goto error;
-                q = le + 2;
+                q = next;
             }
             buf_consume(&u->in, hl);
             c->state = S_BODY;
@@ -1662,6 +1684,19 @@ static void conn_fail_attempt(LaneConn *c, const char *kind, int sent, PyObject 
     Py_DECREF(resume);
 }
 
+/* Book the exchange with the Python side (done()): the outcome, metrics, the access log
+ * (`line`, when the lane wrote it). */
+static void conn_book(LaneConn *c, double t_end, PyObject *line) {
+    PyObject *r = PyObject_CallFunction(
+        c->lane->done, "OOiLddddOOOOOO", c->route->payload, c->target->payload, c->status,
+        c->bytes_sent, c->t_start, c->t_sent, c->t_head, t_end,
+        c->request_id ? c->request_id : Py_None, c->trace_id ? c->trace_id : Py_None,
+        c->method ? c->method : Py_None, c->path ? c->path : Py_None,
+        c->consumer ? PyTuple_GET_ITEM(c->consumer, 1) : Py_None, line ? line : Py_None);
+    if (r == NULL) PyErr_WriteUnraisable((PyObject *)c);
+    Py_XDECREF(r);
+}
+
 /* Close the client connection at once (the answer cannot be completed). */
 static void conn_abort(LaneConn *c) {
     if (c->state == S_CLOSED || c->state == S_HANDED) return;
@@ -1682,14 +1717,7 @@ static void conn_abort(LaneConn *c) {
         (was == S_SENT || was == S_BODY || was == S_WAIT_CONN)) {
         /* the exchange ends here (a body cut or stalled, a client not reading): booked with
          * the status relayed (0: none yet), as conn_connection_lost books a client leaving */
-        PyObject *r = PyObject_CallFunction(
-            c->lane->done, "OOiLddddOOOOOO", c->route->payload, c->target->payload, c->status,
-            c->bytes_sent, c->t_start, c->t_sent, c->t_head, mono(),
-            c->request_id ? c->request_id : Py_None, c->trace_id ? c->trace_id : Py_None,
-            c->method ? c->method : Py_None, c->path ? c->path : Py_None,
-            c->consumer ? PyTuple_GET_ITEM(c->consumer, 1) : Py_None, Py_None);
-        if (r == NULL) PyErr_WriteUnraisable((PyObject *)c);
-        Py_XDECREF(r);
+        conn_book(c, mono(), NULL);
         conn_clear_request(c);
     }
     t_call(c->transport, s_abort);
@@ -1808,14 +1836,7 @@ static void conn_finish(LaneConn *c) {
             line = conn_log_line(c, t_end);
             if (line == NULL) PyErr_WriteUnraisable((PyObject *)c);
         }
-        PyObject *r = PyObject_CallFunction(
-            lane->done, "OOiLddddOOOOOO", c->route->payload, c->target->payload, c->status,
-            c->bytes_sent, c->t_start, c->t_sent, c->t_head, t_end,
-            c->request_id ? c->request_id : Py_None, c->trace_id ? c->trace_id : Py_None,
-            c->method ? c->method : Py_None, c->path ? c->path : Py_None,
-            c->consumer ? PyTuple_GET_ITEM(c->consumer, 1) : Py_None, line ? line : Py_None);
-        if (r == NULL) PyErr_WriteUnraisable((PyObject *)c);
-        Py_XDECREF(r);
+        conn_book(c, t_end, line);
         Py_XDECREF(line);
     }
     conn_clear_request(c);
@@ -2092,13 +2113,10 @@ static int build_upstream_request(LaneConn *c, const char *p, ReqHead *h, LaneRo
     const char *q = p + h->fields_start;
     const char *end = p + h->head_len - 2;
     while (q < end) {
-        const char *le = memchr(q, '\r', end - q);
-        const char *colon = memchr(q, ':', le - q);
-        Py_ssize_t nl = colon - q;
-        const char *v = colon + 1;
-        while (v < le && (*v == ' ' || *v == '\t')) v++;
-        const char *ve = le;
-        while (ve > v && (ve[-1] == ' ' || ve[-1] == '\t')) ve--;
+        Field f;
+        const char *next = field_at(q, end, &f);
+        Py_ssize_t nl = f.nl;
+        const char *v = f.v, *ve = f.ve;
         int drop = 0;
         for (int i = 0; UP_DROP[i] != NULL; i++)
             if (ieq(q, nl, UP_DROP[i])) {
@@ -2116,14 +2134,9 @@ static int build_upstream_request(LaneConn *c, const char *p, ReqHead *h, LaneRo
         } else if (c->hide == HIDE_HEADERS && is_key_header(route, q, nl)) {
             /* the key's header(s) stay here */
         } else if (!(nl >= 6 && ieq(q, 6, "proxy-"))) {
-            Py_ssize_t at = out->len;
-            if (buf_add(out, q, nl) < 0) goto fail;
-            for (Py_ssize_t i = at; i < at + nl; i++)
-                out->p[i] = (char)lower((unsigned char)out->p[i]);
-            if (BUF_LIT(out, ": ") < 0 || buf_add(out, v, ve - v) < 0 || BUF_LIT(out, "\r\n") < 0)
-                goto fail;
+            if (buf_add_field(out, q, nl, v, ve - v) < 0) goto fail;
         }
-        q = le + 2;
+        q = next;
     }
     if (c->consumer != NULL) { /* key_auth's consumer, as grant() tells the upstream */
         PyObject *f = PyTuple_GET_ITEM(c->consumer, 2);
@@ -2205,13 +2218,10 @@ static int find_key(LaneRoute *lr, const char *p, ReqHead *h, const char **key, 
     const char *end = p + h->head_len - 2;
     *key = NULL;
     while (q < end) {
-        const char *le = memchr(q, '\r', end - q);
-        const char *colon = memchr(q, ':', le - q);
-        Py_ssize_t nl = colon - q;
-        const char *v = colon + 1;
-        while (v < le && (*v == ' ' || *v == '\t')) v++;
-        const char *ve = le;
-        while (ve > v && (ve[-1] == ' ' || ve[-1] == '\t')) ve--;
+        Field f;
+        const char *next = field_at(q, end, &f);
+        Py_ssize_t nl = f.nl;
+        const char *v = f.v, *ve = f.ve;
         for (Py_ssize_t i = 0; i < best; i++) {
             PyObject *name = PyTuple_GET_ITEM(lr->key_headers, i);
             if (ieq(q, nl, PyBytes_AS_STRING(name))) {
@@ -2232,7 +2242,7 @@ static int find_key(LaneRoute *lr, const char *p, ReqHead *h, const char **key, 
                    ieq(q, nl, "x-credential-identifier") || ieq(q, nl, "x-anonymous-consumer")) {
             return 0;
         }
-        q = le + 2;
+        q = next;
     }
     if (*key != NULL) {
         *where = HIDE_HEADERS;
@@ -2557,14 +2567,7 @@ static PyObject *conn_connection_lost(LaneConn *c, PyObject *exc) {
         if (c->route != NULL && c->target != NULL && (was == S_SENT || was == S_BODY || was == S_WAIT_CONN)) {
             /* booked as abandoned: status 0 */
             c->status = 0;
-            PyObject *r = PyObject_CallFunction(
-                c->lane->done, "OOiLddddOOOOOO", c->route->payload, c->target->payload, 0,
-                c->bytes_sent, c->t_start, c->t_sent, c->t_head, mono(), Py_None,
-                c->trace_id ? c->trace_id : Py_None, c->method ? c->method : Py_None,
-                c->path ? c->path : Py_None,
-                c->consumer ? PyTuple_GET_ITEM(c->consumer, 1) : Py_None, Py_None);
-            if (r == NULL) PyErr_WriteUnraisable((PyObject *)c);
-            Py_XDECREF(r);
+            conn_book(c, mono(), NULL);
         }
         conn_clear_request(c);
         conn_unlink(c);
