@@ -7,6 +7,7 @@ else is answered by the Python path. Each test checks the outcome against the Py
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from collections.abc import AsyncIterator
@@ -257,3 +258,36 @@ async def test_metrics_count_the_lane_by_consumer(up: Upstream) -> None:
         assert snap["route=r,status_class=2xx,consumer=kitchen"] == 3
     finally:
         await app.stop()
+
+
+async def test_a_retry_after_the_lane_sends_what_the_lane_sent(up: Upstream) -> None:
+    """The lane's attempt gets a retryable 503; the Python path's retry goes out with the key
+    still hidden (header or query) and the consumer still told."""
+
+    async def busy(req: SeenRequest, w: asyncio.StreamWriter) -> None:
+        w.write(b"HTTP/1.1 503 Busy\r\ncontent-length: 4\r\n\r\nbusy")
+        await w.drain()
+
+    down = await Upstream("down").start()
+    down.handler = busy
+    text = config(up.port).replace(
+        f'targets: [{{url: "http://127.0.0.1:{up.port}"}}]',
+        f'targets: [{{url: "http://127.0.0.1:{down.port}"}}, {{url: "http://127.0.0.1:{up.port}"}}]'
+        "\n    retries: {attempts: 1, min_per_second: 100}",
+    )
+    app, port = await start_app(text)
+    try:
+        for path, headers in (("/q?a=1&apikey=" + KEY, {}), ("/h", {"apikey": KEY})):
+            for _ in range(2):  # round-robin: the 503 target first at least once
+                r = await ask(port, path, headers)
+                assert r.status == 200, r.body
+        assert down.seen, "the 503 target was tried"
+        for seen in [*down.seen, *up.seen]:
+            assert KEY.encode() not in seen.path
+            assert all(KEY.encode() not in v for _, v in seen.headers)
+            assert (b"x-consumer-username", b"kitchen") in seen.headers
+        assert [s.path for s in up.seen if s.path.startswith(b"/q")] == [b"/q?a=1"] * 2
+        assert app.lanes[0].handovers >= 1  # the retries went through the Python path
+    finally:
+        await app.stop()
+        await down.stop()

@@ -1668,12 +1668,27 @@ static void conn_fail_attempt(LaneConn *c, const char *kind, int sent, PyObject 
         conn_abort(c);
         return;
     }
+    /* the request-target it sent: "METHOD <target> HTTP/1.1\r\n" before the fields */
+    PyObject *target = NULL;
+    if (c->request != NULL && c->method != NULL &&
+        c->fields_off - 11 > PyBytes_GET_SIZE(c->method) + 1)
+        target = PyBytes_FromStringAndSize(
+            PyBytes_AS_STRING(c->request) + PyBytes_GET_SIZE(c->method) + 1,
+            c->fields_off - 11 - PyBytes_GET_SIZE(c->method) - 1);
+    else
+        target = Py_NewRef(Py_None);
+    if (target == NULL) {
+        Py_DECREF(fields);
+        PyErr_WriteUnraisable((PyObject *)c);
+        conn_abort(c);
+        return;
+    }
     PyObject *resume = Py_BuildValue(
-        "(OOsiddONOOO)", c->route ? c->route->payload : Py_None,
+        "(OOsiddONOOON)", c->route ? c->route->payload : Py_None,
         c->target ? c->target->payload : Py_None, kind, sent, c->t_start, c->t_sent,
         answer ? answer : Py_None, fields, c->trace_id ? c->trace_id : Py_None,
         c->consumer ? PyTuple_GET_ITEM(c->consumer, 1) : Py_None,
-        c->resp_fields ? c->resp_fields : Py_None);
+        c->resp_fields ? c->resp_fields : Py_None, target);
     if (resume == NULL) {
         PyErr_WriteUnraisable((PyObject *)c);
         conn_abort(c);

@@ -311,9 +311,8 @@ class FastLane:
     ) -> None:
         attempt = None
         if resume is not None:
-            payload, target, kind, sent, t_start, t_sent, answer, fields, _, consumer, extra = (
-                resume
-            )
+            payload, target, kind, sent, t_start, t_sent, answer, fields = resume[:8]
+            consumer, extra, sent_target = resume[9:12]
             route, match = payload
             if kind == "status" and answer is not None:
                 status, reason, headers, body = answer
@@ -329,6 +328,7 @@ class FastLane:
                     fields,
                     consumer,
                     field_pairs(extra),
+                    sent_target,
                 )
             else:
                 attempt = LaneAttempt(
@@ -343,6 +343,7 @@ class FastLane:
                     fields,
                     consumer,
                     field_pairs(extra),
+                    sent_target,
                 )
         self.server.adopt(transport, data, attempt, eof=eof, write_paused=write_paused)
 

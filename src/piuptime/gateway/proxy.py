@@ -226,22 +226,22 @@ class ProxyHandler:
             if attempt.consumer is not None:
                 ctx.consumer = ctx.env.consumers.get(attempt.consumer)
             ctx.response_headers = attempt.response_headers
-        if attempt.kind == "busy":
-            # the lane's connections to the target were all taken: queue here (max_pending)
-            upstream.abandon(target)
-            if ctx is not None:
-                identity = [
-                    h for h in field_pairs(attempt.fields) if h[0].startswith(b"x-consumer-")
-                ]
-                req.headers += identity
-            return self._dispatch(req, resp, route, match, ctx, False)
         if route.max_body_bytes is not None:
             req.max_body_bytes = route.max_body_bytes
-        path = route.upstream_path(req.path, req.query, match)
-        headers = attempt.fields  # what the lane sent: a retry sends the same fields
+        # what the lane sent (a hidden key left out, the consumer told): a retry sends the same
+        path = attempt.path
+        if path is None:
+            path = route.upstream_path(req.path, req.query, match)
+        headers = attempt.fields
         at = headers.find(b"traceparent: ")
         trace = self.tracer.start(headers[at + 13 : at + 68] if at >= 0 else None, None)
         trace.route_path = match.spec.path
+        pending: LaneAttempt | None = attempt
+        if attempt.kind == "busy":
+            # the lane's connections to the target were all taken: this path's pool queues it
+            # (max_pending, the pool timeout), as a first attempt of its own
+            upstream.abandon(target)
+            pending = None
         return self._forward(
             req,
             resp,
@@ -251,7 +251,7 @@ class ProxyHandler:
             path,
             headers,
             None,
-            attempt,
+            pending,
             attempt.sent_time,
             ctx,
             trace,
@@ -860,9 +860,9 @@ class LaneAttempt:
     resolved, the target it picked (``UpstreamRuntime.begin`` already called), and how the
     attempt ended: ``kind`` ``busy`` (the lane had no free connection: nothing was tried),
     ``connect``, ``connect_timeout``, ``reset``, ``timeout``, ``protocol`` (an error) or
-    ``status`` (a retryable answer, kept whole in ``answer``); ``fields``: the header fields
-    it sent, which a retry sends again. The proxy continues as if its
-    own first attempt had ended so (``wait_response``)."""
+    ``status`` (a retryable answer, kept whole in ``answer``); ``fields`` and ``path``: the
+    header fields and request-target it sent, which a retry sends again. The proxy continues
+    as if its own first attempt had ended so (``wait_response``)."""
 
     __slots__ = (
         "answer",
@@ -870,6 +870,7 @@ class LaneAttempt:
         "fields",
         "kind",
         "match",
+        "path",
         "response_headers",
         "route",
         "sent",
@@ -891,7 +892,9 @@ class LaneAttempt:
         fields: bytes,
         consumer: str | None = None,
         response_headers: list[tuple[bytes, bytes]] | None = None,
+        path: bytes | None = None,
     ) -> None:
+        self.path = path  # the request-target it sent
         self.fields = fields  # the header fields the lane sent (``name: value\r\n`` lines)
         self.consumer = consumer  # the consumer key_auth found (name)
         self.response_headers = response_headers or []  # what rate_limit adds to the answer
