@@ -211,7 +211,7 @@ async def test_the_limit_is_shared_with_the_python_path_and_refused_there(up: Up
 async def test_several_limits_or_other_plugins_keep_the_route_off_the_lane(up: Upstream) -> None:
     for text in (
         config(up.port, rate_limit="{limits: [{limit: 10, window: 1s}, {limit: 100, window: 1m}]}"),
-        config(up.port, extra_plugins="request_id: {}"),
+        config(up.port, extra_plugins='ip_restriction: {allow: ["127.0.0.0/8"]}'),
         config(up.port, rate_limit="{limit: 10, window: 1m, per: 'header:x-user'}"),
     ):
         app, port = await start_app(text)
@@ -291,3 +291,56 @@ async def test_a_retry_after_the_lane_sends_what_the_lane_sent(up: Upstream) -> 
     finally:
         await app.stop()
         await down.stop()
+
+
+@pytest.mark.parametrize(
+    ("plugin", "headers"),
+    [
+        ("request_id: {}", {"apikey": KEY}),  # none sent: one made
+        ("request_id: {}", {"apikey": KEY, "X-Request-ID": "abc-123"}),  # kept
+        ("request_id: {}", {"apikey": KEY, "X-Request-ID": "bad id"}),  # not sane: replaced
+        ("request_id: {trust_incoming: false}", {"apikey": KEY, "X-Request-ID": "abc"}),
+        ("request_id: {echo: false, header: X-Trace-Me}", {"apikey": KEY}),
+    ],
+)
+async def test_request_id_on_the_lane_matches_the_python_path(
+    up: Upstream, tmp_path: Path, plugin: str, headers: dict[str, str]
+) -> None:
+    got: dict[bool, tuple[Reply, SeenRequest, dict[str, object]]] = {}
+    for fast in (True, False):
+        log = tmp_path / f"access-{fast}.log"
+        text = config(up.port, fast_lane=fast, access_log=str(log), extra_plugins=plugin)
+        app, port = await start_app(text)
+        try:
+            up.seen.clear()
+            r = await ask(port, "/", headers)
+            assert r.status == 200, r.body
+            if fast:
+                assert served(app) == (1, 0)
+        finally:
+            await app.stop()
+        got[fast] = (r, up.seen[-1], json.loads(log.read_text().splitlines()[-1]))
+    name = b"x-trace-me" if "X-Trace-Me" in plugin else b"x-request-id"
+    ids = []
+    for fast in (True, False):
+        reply, seen, entry = got[fast]
+        sent = [v for n, v in seen.headers if n == name]
+        assert len(sent) == 1  # one id upstream, the client's replaced when not kept
+        assert entry["request_id"] == sent[0].decode()
+        if "echo: false" in plugin:
+            assert reply.header(name) is None
+        else:
+            assert reply.header(name) == sent[0]
+        ids.append(sent[0])
+        # the same fields in the same order, the made id aside
+        fields = [(n, b"<id>" if n == name else v) for n, v in seen.headers if n != b"traceparent"]
+        got[fast] = (reply, SeenRequest(seen.method, seen.path, fields, seen.body), entry)
+    assert got[True][1] == got[False][1]
+    assert [h[0] for h in got[True][0].headers if h[0] != b"date"] == [
+        h[0] for h in got[False][0].headers if h[0] != b"date"
+    ]
+    client = headers.get("X-Request-ID")
+    if client == "abc-123":
+        assert ids == [b"abc-123", b"abc-123"]
+    else:
+        assert all(len(i) == 32 and i[12:13] == b"4" for i in ids)  # uuid4 hex, made anew

@@ -374,6 +374,8 @@ struct LaneRoute {
     PyObject *key_query;   /* tuple of query parameter names */
     int key_bearer;
     int key_hide;          /* hide_credentials: the key does not go upstream */
+    PyObject *rid_header;  /* request_id: the header (lower-case bytes), NULL without */
+    int rid_trust, rid_echo;
     PyObject *log_head;    /* `"route":...,` JSON fragments of the access log (bytes) */
     PyObject *log_upstream;
     /* the rest of the access phase (the memory rate limit): (consumer name or None,
@@ -424,6 +426,8 @@ struct LaneConn {
     PyObject *consumer;      /* (name, upstream header fields) of key_auth's consumer */
     PyObject *resp_fields;   /* response header fields the access phase added (bytes) */
     int hide;                /* where the key was, to leave it out upstream: HIDE_* */
+    PyObject *rid;           /* request_id's id (bytes), NULL without the plugin */
+    int rid_new;             /* made here: replaces the client's header upstream */
     double t_start, t_sent, t_head, last_read;
     int status;
     long long bytes_sent;
@@ -479,18 +483,20 @@ static int route_init(LaneRoute *self, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"payload", "path", "host", "host_target", "retry_statuses",
                              "ttfb_timeout", "read_timeout", "total_timeout", "max_body_bytes",
                              "keys", "key_headers", "key_query", "key_bearer", "key_hide",
-                             "access", "log_route", "log_upstream", NULL};
+                             "access", "log_route", "log_upstream", "rid_header", "rid_trust",
+                             "rid_echo", NULL};
     PyObject *payload, *path, *host, *retry;
     PyObject *keys = Py_None, *key_headers = NULL, *key_query = NULL, *access = Py_None;
-    PyObject *log_route = NULL, *log_upstream = NULL;
+    PyObject *log_route = NULL, *log_upstream = NULL, *rid_header = Py_None;
+    int rid_trust = 1, rid_echo = 1;
     int host_target, key_bearer = 0, key_hide = 0;
     double ttfb, read, total;
     Py_ssize_t max_body;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OSOpOdddn|OO!O!ppOSS", kwlist, &payload, &path,
-                                     &host, &host_target, &retry, &ttfb, &read, &total, &max_body,
-                                     &keys, &PyTuple_Type, &key_headers, &PyTuple_Type,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OSOpOdddn|OO!O!ppOSSOpp", kwlist, &payload,
+                                     &path, &host, &host_target, &retry, &ttfb, &read, &total,
+                                     &max_body, &keys, &PyTuple_Type, &key_headers, &PyTuple_Type,
                                      &key_query, &key_bearer, &key_hide, &access, &log_route,
-                                     &log_upstream))
+                                     &log_upstream, &rid_header, &rid_trust, &rid_echo))
         return -1;
     if (keys != Py_None && !PyDict_Check(keys)) {
         PyErr_SetString(PyExc_TypeError, "keys must be a dict or None");
@@ -502,6 +508,13 @@ static int route_init(LaneRoute *self, PyObject *args, PyObject *kw) {
     Py_XSETREF(self->access, access == Py_None ? NULL : Py_NewRef(access));
     self->key_bearer = key_bearer;
     self->key_hide = key_hide;
+    if (rid_header != Py_None && !PyBytes_Check(rid_header)) {
+        PyErr_SetString(PyExc_TypeError, "rid_header must be bytes or None");
+        return -1;
+    }
+    Py_XSETREF(self->rid_header, rid_header == Py_None ? NULL : Py_NewRef(rid_header));
+    self->rid_trust = rid_trust;
+    self->rid_echo = rid_echo;
     Py_XSETREF(self->log_head, log_route ? Py_NewRef(log_route) : PyBytes_FromString("null"));
     Py_XSETREF(self->log_upstream, log_upstream ? Py_NewRef(log_upstream) : PyBytes_FromString("null"));
     if (self->log_head == NULL || self->log_upstream == NULL) return -1;
@@ -537,6 +550,7 @@ static int route_traverse(LaneRoute *self, visitproc visit, void *arg) {
     Py_VISIT(self->access);
     Py_VISIT(self->log_head);
     Py_VISIT(self->log_upstream);
+    Py_VISIT(self->rid_header);
     return 0;
 }
 
@@ -551,6 +565,7 @@ static int route_clear(LaneRoute *self) {
     Py_CLEAR(self->access);
     Py_CLEAR(self->log_head);
     Py_CLEAR(self->log_upstream);
+    Py_CLEAR(self->rid_header);
     return 0;
 }
 
@@ -1512,6 +1527,8 @@ static void conn_clear_request(LaneConn *c) {
     Py_CLEAR(c->consumer);
     Py_CLEAR(c->resp_fields);
     c->hide = HIDE_NONE;
+    Py_CLEAR(c->rid);
+    c->rid_new = 0;
     c->retried = 0;
     c->status = 0;
     c->bytes_sent = 0;
@@ -1531,6 +1548,7 @@ static int conn_traverse(LaneConn *self, visitproc visit, void *arg) {
     Py_VISIT(self->trace_id);
     Py_VISIT(self->consumer);
     Py_VISIT(self->resp_fields);
+    Py_VISIT(self->rid);
     return 0;
 }
 
@@ -1684,11 +1702,11 @@ static void conn_fail_attempt(LaneConn *c, const char *kind, int sent, PyObject 
         return;
     }
     PyObject *resume = Py_BuildValue(
-        "(OOsiddONOOON)", c->route ? c->route->payload : Py_None,
+        "(OOsiddONOOONO)", c->route ? c->route->payload : Py_None,
         c->target ? c->target->payload : Py_None, kind, sent, c->t_start, c->t_sent,
         answer ? answer : Py_None, fields, c->trace_id ? c->trace_id : Py_None,
         c->consumer ? PyTuple_GET_ITEM(c->consumer, 1) : Py_None,
-        c->resp_fields ? c->resp_fields : Py_None, target);
+        c->resp_fields ? c->resp_fields : Py_None, target, c->rid ? c->rid : Py_None);
     if (resume == NULL) {
         PyErr_WriteUnraisable((PyObject *)c);
         conn_abort(c);
@@ -2144,6 +2162,8 @@ static int build_upstream_request(LaneConn *c, const char *p, ReqHead *h, LaneRo
             } else if (ieq(q, nl, "via")) {
                 if ((via.len && BUF_LIT(&via, ", ") < 0) || buf_add(&via, v, ve - v) < 0) goto fail;
             }
+        } else if (c->rid_new && ieq(q, nl, PyBytes_AS_STRING(route->rid_header))) {
+            /* replaced by the id made here (ctx.set_request_header) */
         } else if (c->hide == HIDE_AUTHORIZATION && ieq(q, nl, "authorization")) {
             /* the bearer key stays here */
         } else if (c->hide == HIDE_HEADERS && is_key_header(route, q, nl)) {
@@ -2153,6 +2173,10 @@ static int build_upstream_request(LaneConn *c, const char *p, ReqHead *h, LaneRo
         }
         q = next;
     }
+    if (c->rid_new &&
+        buf_add_field(out, PyBytes_AS_STRING(route->rid_header), PyBytes_GET_SIZE(route->rid_header),
+                      PyBytes_AS_STRING(c->rid), PyBytes_GET_SIZE(c->rid)) < 0)
+        goto fail;
     if (c->consumer != NULL) { /* key_auth's consumer, as grant() tells the upstream */
         PyObject *f = PyTuple_GET_ITEM(c->consumer, 2);
         if (buf_add(out, PyBytes_AS_STRING(f), PyBytes_GET_SIZE(f)) < 0) goto fail;
@@ -2297,6 +2321,44 @@ static int find_key(LaneRoute *lr, const char *p, ReqHead *h, const char **key, 
         }
     }
     return 0;
+}
+
+/* request_id (gateway/plugins/transform.py): keep a sane incoming id (1-200 visible ASCII)
+ * when trusted, else make one (uuid4 hex). */
+static int conn_request_id(LaneConn *c, LaneRoute *lr, const char *p, ReqHead *h) {
+    const char *name = PyBytes_AS_STRING(lr->rid_header);
+    const char *found = NULL;
+    Py_ssize_t flen = 0;
+    if (lr->rid_trust) {
+        const char *q = p + h->fields_start, *end = p + h->head_len - 2;
+        while (q < end) {
+            Field f;
+            const char *next = field_at(q, end, &f);
+            if (ieq(q, f.nl, name)) {
+                found = f.v;
+                flen = f.ve - f.v;
+                break;
+            }
+            q = next;
+        }
+    }
+    int sane = found != NULL && flen >= 1 && flen <= 200;
+    for (Py_ssize_t i = 0; sane && i < flen; i++)
+        if ((unsigned char)found[i] < 0x21 || (unsigned char)found[i] > 0x7e) sane = 0;
+    if (sane) {
+        Py_XSETREF(c->rid, PyBytes_FromStringAndSize(found, flen));
+        c->rid_new = 0;
+    } else {
+        uint64_t hi = rng_next(), lo = rng_next();
+        hi = (hi & ~0xf000ULL) | 0x4000ULL;                                     /* version 4 */
+        lo = (lo & 0x3fffffffffffffffULL) | 0x8000000000000000ULL;              /* variant */
+        char hex[32];
+        hex64(hex, hi);
+        hex64(hex + 16, lo);
+        Py_XSETREF(c->rid, PyBytes_FromStringAndSize(hex, 32));
+        c->rid_new = 1;
+    }
+    return c->rid == NULL ? -1 : 0;
 }
 
 /* The access phase of a route with policies. 1: go on; 0: the Python path answers (no key,
@@ -2445,6 +2507,7 @@ static void conn_process(LaneConn *c) {
     }
     Py_INCREF(lr);
     Py_XSETREF(c->route, lr); /* owned from here: a reload may clear the cache */
+    if (lr->rid_header != NULL && conn_request_id(c, lr, c->in.p, &h) < 0) goto error;
     if (lr->keys != NULL || lr->access != NULL) {
         int ok = conn_access(c, lr, c->in.p, &h);
         if (ok < 0) goto error;
@@ -2453,6 +2516,19 @@ static void conn_process(LaneConn *c) {
             conn_handover(c, NULL);
             return;
         }
+    }
+    if (lr->rid_header != NULL && lr->rid_echo) {
+        /* request_id ran first: its echo comes before the other response fields */
+        Buf echo = {0};
+        int bad = buf_add_field(&echo, PyBytes_AS_STRING(lr->rid_header),
+                                PyBytes_GET_SIZE(lr->rid_header), PyBytes_AS_STRING(c->rid),
+                                PyBytes_GET_SIZE(c->rid)) < 0 ||
+                  (c->resp_fields != NULL &&
+                   buf_add(&echo, PyBytes_AS_STRING(c->resp_fields),
+                           PyBytes_GET_SIZE(c->resp_fields)) < 0);
+        if (!bad) Py_XSETREF(c->resp_fields, PyBytes_FromStringAndSize(echo.p, echo.len));
+        buf_free(&echo);
+        if (bad || c->resp_fields == NULL) goto error;
     }
     /* the target: the Python side picks and books the attempt */
     PyObject *t = PyObject_CallOneArg(lane->pick, route);
@@ -2490,7 +2566,9 @@ static void conn_process(LaneConn *c) {
     Py_XSETREF(c->method, PyBytes_FromStringAndSize(h.method, h.method_len));
     Py_XSETREF(c->path, PyBytes_FromStringAndSize(h.path, h.path_len));
     Py_XSETREF(c->trace_id, PyBytes_FromStringAndSize(trace_id, 32));
-    if (h.request_id != NULL)
+    if (c->rid != NULL) /* request_id's, for the access log as ctx.request_id */
+        Py_XSETREF(c->request_id, Py_NewRef(c->rid));
+    else if (h.request_id != NULL)
         Py_XSETREF(c->request_id, PyBytes_FromStringAndSize(h.request_id, h.request_id_len));
     else
         Py_CLEAR(c->request_id);

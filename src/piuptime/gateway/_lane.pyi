@@ -69,6 +69,9 @@ class LaneRoute:
         access: Callable[[str | None, bytes], bytes | None] | None = None,
         log_route: bytes = b"null",
         log_upstream: bytes = b"null",
+        rid_header: bytes | None = None,
+        rid_trust: bool = True,
+        rid_echo: bool = True,
     ) -> None: ...
 
 class LaneTarget:

@@ -312,7 +312,7 @@ class FastLane:
         attempt = None
         if resume is not None:
             payload, target, kind, sent, t_start, t_sent, answer, fields = resume[:8]
-            consumer, extra, sent_target = resume[9:12]
+            consumer, extra, sent_target, request_id = resume[9:13]
             route, match = payload
             if kind == "status" and answer is not None:
                 status, reason, headers, body = answer
@@ -329,6 +329,7 @@ class FastLane:
                     consumer,
                     field_pairs(extra),
                     sent_target,
+                    request_id,
                 )
             else:
                 attempt = LaneAttempt(
@@ -344,14 +345,15 @@ class FastLane:
                     consumer,
                     field_pairs(extra),
                     sent_target,
+                    request_id,
                 )
         self.server.adopt(transport, data, attempt, eof=eof, write_paused=write_paused)
 
 
 def _lane_policies(pipeline: Any, runtime: Runtime) -> dict[str, Any] | None:
     """The ``LaneRoute`` arguments for a route's plugins, or None when one of them needs the
-    Python path: the lane runs key_auth's success path and a memory rate_limit, nothing else
-    (see ``KeyAuthPlugin.lane_ready``, ``RateLimitPlugin.lane_ready``)."""
+    Python path: the lane runs request_id, key_auth's success path and a memory rate_limit,
+    nothing else (see ``KeyAuthPlugin.lane_ready``, ``RateLimitPlugin.lane_ready``)."""
     out: dict[str, Any] = {}
     env = runtime.env
     trusted = bool(env is not None and env.trusted_proxies)
@@ -364,6 +366,10 @@ def _lane_policies(pipeline: Any, runtime: Runtime) -> dict[str, Any] | None:
             out["key_query"] = plugin.query_names
             out["key_bearer"] = plugin.bearer
             out["key_hide"] = plugin.hide
+        elif plugin.name == "request_id" and "rid_header" not in out:
+            out["rid_header"] = plugin.header
+            out["rid_trust"] = plugin.trust
+            out["rid_echo"] = plugin.echo
         elif plugin.name == "rate_limit" and "access" not in out:
             if not plugin.lane_ready(trusted):
                 return None

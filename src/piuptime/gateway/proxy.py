@@ -226,6 +226,8 @@ class ProxyHandler:
             if attempt.consumer is not None:
                 ctx.consumer = ctx.env.consumers.get(attempt.consumer)
             ctx.response_headers = attempt.response_headers
+            if attempt.request_id is not None:
+                ctx.request_id = attempt.request_id.decode("ascii")
         if route.max_body_bytes is not None:
             req.max_body_bytes = route.max_body_bytes
         # what the lane sent (a hidden key left out, the consumer told): a retry sends the same
@@ -871,6 +873,7 @@ class LaneAttempt:
         "kind",
         "match",
         "path",
+        "request_id",
         "response_headers",
         "route",
         "sent",
@@ -893,8 +896,10 @@ class LaneAttempt:
         consumer: str | None = None,
         response_headers: list[tuple[bytes, bytes]] | None = None,
         path: bytes | None = None,
+        request_id: bytes | None = None,
     ) -> None:
         self.path = path  # the request-target it sent
+        self.request_id = request_id  # request_id's id
         self.fields = fields  # the header fields the lane sent (``name: value\r\n`` lines)
         self.consumer = consumer  # the consumer key_auth found (name)
         self.response_headers = response_headers or []  # what rate_limit adds to the answer
