@@ -156,7 +156,7 @@ class Response:
 
     def __init__(
         self,
-        conn: _Connection,
+        conn: _Connection | None,
         status: int,
         reason: bytes,
         version: bytes,
@@ -186,7 +186,7 @@ class Response:
     ) -> Response:
         """A complete answer already in memory, on no connection (the fast lane hands a
         retryable one to the Python path this way)."""
-        resp = cls(None, status, reason, b"1.1", headers, len(body), False, True)  # type: ignore[arg-type]
+        resp = cls(None, status, reason, b"1.1", headers, len(body), False, True)
         if body:
             resp._chunks.append(body)
         resp._done = True
