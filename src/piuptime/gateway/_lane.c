@@ -349,13 +349,12 @@ struct Lane {
     double idle_timeout, write_timeout;
     double header_timeout; /* a new connection's wait for its first request (0: idle_timeout) */
     double sample_ratio;
-    int enabled;
     int draining;
     int log_lines;       /* write each request's access-log line here (done() gets it) */
     char id_prefix[13];  /* request ids made here: <12 hex>-<counter in hex> */
     unsigned long long ids;
     LaneConn *conns; /* live client connections (for the sweep and draining) */
-    unsigned long long requests, handovers, cache_misses;
+    unsigned long long requests, handovers;
 };
 
 struct LaneRoute {
@@ -364,7 +363,7 @@ struct LaneRoute {
     PyObject *path;      /* bytes: the upstream path, without the query */
     PyObject *host;      /* bytes: the Host to send, or None to send the request's (pass) */
     int host_target;     /* send the target's authority */
-    PyObject *retry_statuses; /* frozenset of int */
+    unsigned char retry[600]; /* the upstream's retry statuses, by status */
     double ttfb_timeout, read_timeout, total_timeout;
     Py_ssize_t max_body_bytes;
     /* key_auth's success path (NULL: no key_auth): where the key is looked for, and the
@@ -387,7 +386,6 @@ struct LaneTarget {
     PyObject_HEAD
     PyObject *payload;    /* the Python Target */
     PyObject *authority;  /* bytes */
-    PyObject *lane;       /* the Lane it connects through */
     PyObject *pool;       /* the Python path's pool of the same target: shares max_connections */
     PyObject *log_label;  /* the target's label as a JSON string (bytes) */
     UpConn **idle;
@@ -396,7 +394,6 @@ struct LaneTarget {
     double idle_timeout;
     LaneConn **waiting;   /* client connections waiting for a new connection */
     Py_ssize_t n_waiting, cap_waiting;
-    Py_ssize_t connecting;
 };
 
 enum { HIDE_NONE, HIDE_HEADERS, HIDE_AUTHORIZATION, HIDE_QUERY };
@@ -529,8 +526,20 @@ static int route_init(LaneRoute *self, PyObject *args, PyObject *kw) {
     Py_XSETREF(self->path, path);
     Py_INCREF(host);
     Py_XSETREF(self->host, host);
-    Py_INCREF(retry);
-    Py_XSETREF(self->retry_statuses, retry);
+    memset(self->retry, 0, sizeof self->retry);
+    if (retry != Py_None) {
+        PyObject *it = PyObject_GetIter(retry);
+        if (it == NULL) return -1;
+        PyObject *item;
+        while ((item = PyIter_Next(it)) != NULL) {
+            long code = PyLong_AsLong(item);
+            Py_DECREF(item);
+            if (code == -1 && PyErr_Occurred()) break;
+            if (code >= 0 && code < 600) self->retry[code] = 1;
+        }
+        Py_DECREF(it);
+        if (PyErr_Occurred()) return -1;
+    }
     self->host_target = host_target;
     self->ttfb_timeout = ttfb;
     self->read_timeout = read;
@@ -543,7 +552,6 @@ static int route_traverse(LaneRoute *self, visitproc visit, void *arg) {
     Py_VISIT(self->payload);
     Py_VISIT(self->path);
     Py_VISIT(self->host);
-    Py_VISIT(self->retry_statuses);
     Py_VISIT(self->keys);
     Py_VISIT(self->key_headers);
     Py_VISIT(self->key_query);
@@ -558,7 +566,6 @@ static int route_clear(LaneRoute *self) {
     Py_CLEAR(self->payload);
     Py_CLEAR(self->path);
     Py_CLEAR(self->host);
-    Py_CLEAR(self->retry_statuses);
     Py_CLEAR(self->keys);
     Py_CLEAR(self->key_headers);
     Py_CLEAR(self->key_query);
@@ -611,21 +618,18 @@ static void up_relay(UpConn *u);
 /* LaneTarget: the lane's pool of one target                                                 */
 
 static int target_init(LaneTarget *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"lane", "payload", "authority", "pool", "max_connections",
-                             "max_idle", "idle_timeout", "log_label", NULL};
-    PyObject *lane, *payload, *authority, *pool, *log_label = NULL;
+    static char *kwlist[] = {"payload", "authority", "pool", "max_connections", "max_idle",
+                             "idle_timeout", "log_label", NULL};
+    PyObject *payload, *authority, *pool, *log_label = NULL;
     Py_ssize_t max_conns, max_idle;
     double idle_timeout;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!OSOnnd|S", kwlist, &LaneType, &lane, &payload,
-                                     &authority, &pool, &max_conns, &max_idle, &idle_timeout,
-                                     &log_label))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OSOnnd|S", kwlist, &payload, &authority, &pool,
+                                     &max_conns, &max_idle, &idle_timeout, &log_label))
         return -1;
     Py_XSETREF(self->log_label, log_label ? Py_NewRef(log_label) : PyBytes_FromString("null"));
     if (self->log_label == NULL) return -1;
     Py_INCREF(pool);
     Py_XSETREF(self->pool, pool);
-    Py_INCREF(lane);
-    Py_XSETREF(self->lane, lane);
     Py_INCREF(payload);
     Py_XSETREF(self->payload, payload);
     Py_INCREF(authority);
@@ -639,7 +643,6 @@ static int target_init(LaneTarget *self, PyObject *args, PyObject *kw) {
 static int target_traverse(LaneTarget *self, visitproc visit, void *arg) {
     Py_VISIT(self->payload);
     Py_VISIT(self->authority);
-    Py_VISIT(self->lane);
     Py_VISIT(self->pool);
     Py_VISIT(self->log_label);
     for (Py_ssize_t i = 0; i < self->n_idle; i++) Py_VISIT((PyObject *)self->idle[i]);
@@ -650,7 +653,6 @@ static int target_traverse(LaneTarget *self, visitproc visit, void *arg) {
 static int target_clear(LaneTarget *self) {
     Py_CLEAR(self->payload);
     Py_CLEAR(self->authority);
-    Py_CLEAR(self->lane);
     Py_CLEAR(self->pool);
     Py_CLEAR(self->log_label);
     while (self->n_idle > 0) {
@@ -728,7 +730,6 @@ static PyObject *target_connected(LaneTarget *t, PyObject *arg) {
         return NULL;
     }
     UpConn *u = (UpConn *)arg;
-    t->connecting--;
     LaneConn *c = target_pop_waiting(t);
     if (c == NULL) {
         u->idle_since = mono();
@@ -745,7 +746,6 @@ static PyObject *target_connected(LaneTarget *t, PyObject *arg) {
 static PyObject *target_connect_failed(LaneTarget *t, PyObject *args) {
     const char *kind;
     if (!PyArg_ParseTuple(args, "s", &kind)) return NULL;
-    t->connecting--;
     t->conns--;
     LaneConn *c = target_pop_waiting(t);
     if (c != NULL) {
@@ -1275,14 +1275,7 @@ static void up_relay(UpConn *u) {
             u->framing = F_EOF;
             u->keep_alive = 0;
         }
-        int retry = 0;
-        if (c->route->retry_statuses != Py_None) {
-            PyObject *code = PyLong_FromLong(h.status);
-            if (code == NULL) goto error;
-            retry = PySet_Contains(c->route->retry_statuses, code);
-            Py_DECREF(code);
-            if (retry < 0) goto error;
-        }
+        int retry = c->route->retry[h.status]; /* parse_response_head: 100..599 */
         if (retry && (u->framing != F_LENGTH || u->remaining <= 65536)) {
             /* a retryable answer: collected whole (a close-delimited one until the upstream
              * closes: up_ended), then the Python path decides */
@@ -1427,12 +1420,10 @@ static void up_ended(UpConn *u) {
             c->state = S_WAIT_CONN;
             if (t != NULL && target_push_waiting(t, c) == 0) {
                 t->conns++;
-                t->connecting++;
                 PyObject *r = PyObject_CallOneArg(c->lane->connect, (PyObject *)t);
                 if (r == NULL) {
                     PyErr_WriteUnraisable((PyObject *)c);
                     t->conns--;
-                    t->connecting--;
                     conn_fail_attempt(c, "reset", 0, NULL);
                 } else {
                     Py_DECREF(r);
@@ -2443,10 +2434,6 @@ static void conn_send(LaneConn *c, UpConn *u) {
 static void conn_process(LaneConn *c) {
     Lane *lane = c->lane;
     if (c->state != S_IDLE || c->in.len == 0) return;
-    if (!lane->enabled) {
-        conn_handover(c, NULL);
-        return;
-    }
     ReqHead h;
     int r = parse_request_head(lane, c->in.p, c->in.len, &h);
     if (r != P_OK) { /* partial or unusual: the Python path reads it (with its timers) */
@@ -2474,7 +2461,6 @@ static void conn_process(LaneConn *c) {
             Py_DECREF(key);
             goto error;
         }
-        lane->cache_misses++;
         route = PyObject_CallFunction(lane->resolve, "y#y#y#", h.method, h.method_len,
                                       h.host ? h.host : "", h.host_len, h.path, h.path_len);
         if (route == NULL) {
@@ -2590,11 +2576,9 @@ static void conn_process(LaneConn *c) {
     }
     if (target_push_waiting(target, c) < 0) goto error;
     target->conns++;
-    target->connecting++;
     PyObject *res = PyObject_CallOneArg(lane->connect, (PyObject *)target);
     if (res == NULL) {
         target->conns--;
-        target->connecting--;
         goto error;
     }
     Py_DECREF(res);
@@ -2769,7 +2753,6 @@ static int lane_init(Lane *self, PyObject *args, PyObject *kw) {
     self->max_cache = 4096;
     self->idle_timeout = idle;
     self->write_timeout = wt;
-    self->enabled = 1;
     for (int i = 0; i < 12; i++) self->id_prefix[i] = HEX[rng_next() & 15];
     self->id_prefix[12] = 0;
     return 0;
@@ -2880,7 +2863,6 @@ static PyMethodDef lane_methods[] = {
 };
 
 static PyMemberDef lane_members[] = {
-    {"enabled", T_BOOL, offsetof(Lane, enabled), 0, NULL},
     {"sample_ratio", T_DOUBLE, offsetof(Lane, sample_ratio), 0, NULL},
     {"log_lines", T_BOOL, offsetof(Lane, log_lines), 0, NULL},
     {"idle_timeout", T_DOUBLE, offsetof(Lane, idle_timeout), 0, NULL},
@@ -2891,8 +2873,6 @@ static PyMemberDef lane_members[] = {
     {"max_body_bytes", T_PYSSIZET, offsetof(Lane, max_body_bytes), 0, NULL},
     {"requests", T_ULONGLONG, offsetof(Lane, requests), READONLY, NULL},
     {"handovers", T_ULONGLONG, offsetof(Lane, handovers), READONLY, NULL},
-    {"cache_misses", T_ULONGLONG, offsetof(Lane, cache_misses), READONLY, NULL},
-    {"cache", T_OBJECT, offsetof(Lane, cache), READONLY, NULL},
     {NULL},
 };
 

@@ -5,7 +5,6 @@ from collections.abc import Callable
 from typing import Any
 
 class Lane:
-    enabled: bool
     sample_ratio: float
     log_lines: bool
     idle_timeout: float
@@ -18,10 +17,6 @@ class Lane:
     def requests(self) -> int: ...
     @property
     def handovers(self) -> int: ...
-    @property
-    def cache_misses(self) -> int: ...
-    @property
-    def cache(self) -> dict[bytes, LaneRoute | None]: ...
     def __init__(
         self,
         *,
@@ -87,7 +82,6 @@ class LaneTarget:
     def __init__(
         self,
         *,
-        lane: Lane,
         payload: Any,
         authority: bytes,
         pool: Any,

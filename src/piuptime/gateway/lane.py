@@ -202,7 +202,6 @@ class FastLane:
         if entry is None or entry[0] is not target:
             opts = target.pool.options
             lt = _lane.LaneTarget(
-                lane=self.lane,
                 payload=target,
                 authority=target.authority,
                 pool=target.pool,
