@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from piuptime.gateway.proxy import LaneAttempt, ProxyHandler, field_pairs
+from piuptime.gateway.proxy import LaneAttempt, ProxyHandler
 from piuptime.gateway.router import Match
 from piuptime.gateway.runtime import CompiledRoute, Runtime, Target
 from piuptime.http1.client import Response
@@ -313,40 +313,38 @@ class FastLane:
             payload, target, kind, sent, t_start, t_sent, answer, fields = resume[:8]
             consumer, extra, sent_target, request_id = resume[9:13]
             route, match = payload
+            whole = None
             if kind == "status" and answer is not None:
-                status, reason, headers, body = answer
-                attempt = LaneAttempt(
-                    route,
-                    match,
-                    target,
-                    kind,
-                    True,
-                    t_start,
-                    t_sent,
-                    Response.whole(status, reason, headers, body),
-                    fields,
-                    consumer,
-                    field_pairs(extra),
-                    sent_target,
-                    request_id,
-                )
-            else:
-                attempt = LaneAttempt(
-                    route,
-                    match,
-                    target,
-                    kind if kind in _KINDS else "reset",
-                    bool(sent),
-                    t_start,
-                    t_sent,
-                    None,
-                    fields,
-                    consumer,
-                    field_pairs(extra),
-                    sent_target,
-                    request_id,
-                )
+                whole = Response.whole(*answer)  # (status, reason, headers, body)
+                sent = True
+            elif kind not in _KINDS:
+                kind = "reset"
+            attempt = LaneAttempt(
+                route,
+                match,
+                target,
+                kind,
+                bool(sent),
+                t_start,
+                t_sent,
+                whole,
+                fields,
+                consumer,
+                _pairs(extra),
+                sent_target,
+                request_id,
+            )
         self.server.adopt(transport, data, attempt, eof=eof, write_paused=write_paused)
+
+
+def _pairs(fields: bytes | None) -> list[tuple[bytes, bytes]]:
+    """``name: value\r\n`` lines back into ``(name, value)`` pairs."""
+    out = []
+    for line in fields.split(b"\r\n") if fields else ():
+        if line:
+            name, _, value = line.partition(b": ")
+            out.append((name, value))
+    return out
 
 
 def _lane_policies(pipeline: Any, runtime: Runtime) -> dict[str, Any] | None:

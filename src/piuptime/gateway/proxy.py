@@ -932,16 +932,6 @@ class LaneAttempt:
         )
 
 
-def field_pairs(fields: bytes | None) -> list[tuple[bytes, bytes]]:
-    """``name: value\r\n`` lines back into ``(name, value)`` pairs."""
-    out = []
-    for line in fields.split(b"\r\n") if fields else ():
-        if line:
-            name, _, value = line.partition(b": ")
-            out.append((name, value))
-    return out
-
-
 class _Busy(UpstreamError):
     """The target's connections and waiting room are full (nothing was sent)."""
 
